@@ -1,0 +1,11 @@
+"""Settings: CLI flag > ``FORGELLM_*`` environment > config file > ``default.toml``."""
+
+from forgellm.config.settings import (
+    BusSettings,
+    GatewaySettings,
+    Settings,
+    bus_address,
+    load_settings,
+)
+
+__all__ = ["BusSettings", "GatewaySettings", "Settings", "bus_address", "load_settings"]

@@ -1,0 +1,21 @@
+"""The ``forgellm`` command."""
+
+from __future__ import annotations
+
+import click
+
+from forgellm.cli.bus_commands import bus
+from forgellm.cli.config_commands import config
+from forgellm.cli.platform_commands import server, service, start, web
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="forgellm")
+def main() -> None:
+    """ForgeLLM: continue pre-training and instruction-tune language models with MLX."""
+
+
+for command in (start, server, web, service, bus, config):
+    main.add_command(command)
+
+__all__ = ["main"]

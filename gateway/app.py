@@ -1,0 +1,164 @@
+"""Build and run the gateway: :5002 (full API, Socket.IO, web UI) and :5001 (model server)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import socketio
+import structlog
+import zmq.asyncio
+from aiohttp import web
+from forgellm.bus import AsyncRpcClient, AsyncSubscriber
+from forgellm.config import Settings, bus_address
+from forgellm.config.settings import SERVICE_NAMES
+from forgellm.gateway.decode import decode_body, decode_query
+from forgellm.gateway.errors import ApiError, request_context
+from forgellm.gateway.health import PROCESSES, ServiceMonitor, system_info
+from forgellm.gateway.openapi import openapi_document
+from forgellm.gateway.realtime import TrainingEvents
+from forgellm.gateway.routes import ROUTES, Route
+from forgellm.schemas import ErrorCode, HealthReply
+
+log = structlog.get_logger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    if isinstance(data, msgspec.Struct):
+        data = msgspec.to_builtins(data)
+        data.pop("type", None)
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+class BusLink:
+    """The gateway's sockets: one RPC client per service, a heartbeat monitor, an event feed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = zmq.asyncio.Context()
+        timeouts = settings.timeouts
+        self.clients = {
+            name: AsyncRpcClient(self.ctx, bus_address(settings, name), name, source="gateway",
+                                 timeout_s=timeouts.rpc_s, read_retries=timeouts.read_retries)
+            for name in SERVICE_NAMES
+        }
+        events_out = bus_address(settings, "events_out")
+        self.monitor = ServiceMonitor(
+            AsyncSubscriber(self.ctx, events_out, ("service.",)), timeouts.heartbeat_timeout_s)
+
+    def training_feed(self) -> AsyncSubscriber:
+        return AsyncSubscriber(self.ctx, bus_address(self.settings, "events_out"), ("training.",))
+
+    async def call(self, service: str, request: Any, request_id: str) -> Any:
+        if self.monitor.is_down(service):
+            raise ApiError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                f"The {service} service is not running",
+                details={"service": service},
+                suggestion="Start the platform with 'forgellm start'; 'GET /api/health' shows each process.",
+            )
+        return await self.clients[service].request(request, correlation_id=request_id)
+
+    def close(self) -> None:
+        self.monitor.close()
+        for client in self.clients.values():
+            client.close()
+        self.ctx.destroy(linger=0)
+
+
+def _service_handler(link: BusLink, route: Route) -> Handler:
+    assert route.service is not None and route.request is not None
+    service, request_type = route.service, route.request
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if route.method == "GET":
+            message = decode_query(request, request_type)
+        else:
+            message = await decode_body(request, request_type)
+        reply = await link.call(service, message, request["request_id"])
+        return json_response(reply)
+
+    return handle
+
+
+def _health_handler(link: BusLink) -> Handler:
+    async def health(request: web.Request) -> web.Response:
+        monitor = link.monitor
+        states = {name: monitor.state(name) for name in PROCESSES}
+        components = {
+            "web_server": "running",
+            "model_server": states["inference"],
+            "training_pipeline": states["trainer"],
+            **states,
+            "gateway": "running",
+        }
+        status = "healthy" if all(state != "down" for state in states.values()) else "degraded"
+        info = await asyncio.to_thread(system_info, link.settings.home)
+        return json_response(HealthReply(status=status, components=components, system_info=info))
+
+    return health
+
+
+def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents | None]:
+    """One aiohttp application for ``api`` = "web" (:5002) or "server" (:5001)."""
+    app = web.Application(middlewares=[request_context], client_max_size=link.settings.gateway.max_body_bytes)
+    for route in ROUTES:
+        if api not in route.apis:
+            continue
+        if route.path == "/api/health":
+            handler = _health_handler(link)
+        elif route.path == "/api/openapi.json":
+            async def handler(request: web.Request, _api: str = api) -> web.Response:
+                return json_response(openapi_document(_api, f"{request.scheme}://{request.host}"))
+        else:
+            handler = _service_handler(link, route)
+        app.router.add_route(route.method, route.path, handler)
+    events = None
+    if api == "web":
+        sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            cors_allowed_origins=link.settings.gateway.cors_origins or None,
+            logger=False,
+            engineio_logger=False,
+        )
+        sio.attach(app)
+        events = TrainingEvents(sio, link.training_feed(), link.clients["trainer"])
+    return app, events
+
+
+async def run_gateway(settings: Settings, *, web_port: int, server_port: int) -> int:
+    """Serve until SIGTERM/SIGINT; a port of 0 leaves that API off."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    link = BusLink(settings)
+    link.monitor.start()
+    runners: list[web.AppRunner] = []
+    feeds: list[TrainingEvents] = []
+    host = settings.gateway.host
+    for api, port in (("web", web_port), ("server", server_port)):
+        if not port:
+            continue
+        app, events = build_app(link, api)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        runners.append(runner)
+        if events is not None:
+            events.start()
+            feeds.append(events)
+        log.info("gateway_listening", api=api, url=f"http://{host}:{port}")
+    await stop.wait()
+    log.info("gateway_stopping")
+    for events in feeds:
+        events.close()
+    for runner in runners:
+        await runner.cleanup()
+    link.close()
+    return 0

@@ -1,0 +1,1 @@
+"""The bus processes that do the work. MLX is imported only under this package."""

@@ -1,0 +1,7 @@
+"""The catalog service."""
+
+from forgellm.services.base import Service
+
+
+class CatalogService(Service):
+    name = "catalog"

@@ -1,0 +1,7 @@
+"""The inference service."""
+
+from forgellm.services.base import Service
+
+
+class InferenceService(Service):
+    name = "inference"

@@ -1,0 +1,7 @@
+"""The publisher service."""
+
+from forgellm.services.base import Service
+
+
+class PublisherService(Service):
+    name = "publisher"
