@@ -100,6 +100,7 @@ class RpcServer:
 
     async def _run(self, identity: bytes, header: Envelope, body: Request, handler: Handler) -> None:
         structlog.contextvars.bind_contextvars(correlation_id=header.correlation_id)
+        started = time.perf_counter()
         try:
             result = await handler(header, body)
             if isinstance(result, Reply):
@@ -109,6 +110,8 @@ class RpcServer:
             self.served += 1
             if isinstance(result, ErrorReply):
                 self.failed += 1
+            log.debug("request_handled", request=type(body).__name__, source=header.source,
+                      ms=round((time.perf_counter() - started) * 1000, 3))
         except Exception as exc:  # a bug in a handler must not take the service down
             self.failed += 1
             log.exception("handler_failed", request=type(body).__name__)

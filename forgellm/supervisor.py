@@ -66,6 +66,7 @@ class Supervisor:
         grace_s: float = 8.0,
         out: TextIO | None = None,
         max_backoff_s: float = 10.0,
+        on_exit: Callable[[str, int, int, float | None], None] | None = None,
     ) -> None:
         self.entries = entries
         self.env = dict(os.environ if env is None else env)
@@ -73,6 +74,7 @@ class Supervisor:
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.max_backoff_s = max_backoff_s
+        self.on_exit = on_exit  # (name, pid, exit code, restart delay or None) as soon as a child dies
         self.stopping = asyncio.Event()
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.restarts: dict[str, int] = {entry.name: 0 for entry in entries}
@@ -117,6 +119,8 @@ class Supervisor:
                 assert proc.stdout is not None
                 pump = asyncio.ensure_future(self._pump(entry.name, proc.stdout))
                 code = await proc.wait()
+                if self.on_exit is not None:
+                    self.on_exit(entry.name, proc.pid, code, None if self.stopping.is_set() else backoff)
                 await pump
                 if self.stopping.is_set():
                     self.say("forgellm", f"{entry.name} stopped (exit {code})")

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 from forgellm.bus import AsyncSubscriber
-from forgellm.schemas import Heartbeat, ServiceReady, ServiceStopping
+from forgellm.schemas import Heartbeat, ProcessExited, ServiceReady, ServiceStopping
 
 log = structlog.get_logger("gateway.health")
 
@@ -46,11 +46,16 @@ class ServiceMonitor:
             event = record.body
             now = time.monotonic()
             if isinstance(event, Heartbeat):
+                previous = self._seen.get(event.service)
+                if previous and previous.state == "down" and previous.pid == event.pid:
+                    continue  # a heartbeat sent just before the process died
                 self._seen[event.service] = Seen(event.state, now, event.pid)
             elif isinstance(event, ServiceReady):
                 self._seen[event.service] = Seen("running", now, event.pid)
             elif isinstance(event, ServiceStopping):
                 self._seen[event.service] = Seen("down", now, event.pid)
+            elif isinstance(event, ProcessExited):
+                self._seen[event.name] = Seen("down", now, event.pid)
 
     def state(self, service: str) -> str:
         seen = self._seen.get(service)
@@ -60,6 +65,9 @@ class ServiceMonitor:
 
     def is_down(self, service: str) -> bool:
         """Down for sure: silent for longer than the timeout since we began listening."""
+        seen = self._seen.get(service)
+        if seen is not None and seen.state == "down":
+            return True  # it said so, or the supervisor saw it die
         if time.monotonic() - self.started < self.timeout_s:
             return False  # we may simply not have heard from it yet
         return self.state(service) == "down"

@@ -58,3 +58,12 @@ class HealthReply(msgspec.Struct, kw_only=True):
     status: str
     components: dict[str, str]
     system_info: dict[str, Any]
+
+
+class ProcessExited(Message, kw_only=True):
+    """Published by the supervisor the moment a child process dies (before its restart)."""
+
+    name: str
+    pid: int
+    exit_code: int
+    restart_in_s: float | None = None

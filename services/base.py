@@ -36,7 +36,7 @@ from forgellm.schemas import (
 VERSION = "0.1.0"
 log = structlog.get_logger("service")
 
-HandlerMethod = Callable[[Any, Request, Envelope], Awaitable[Any]]
+HandlerMethod = Callable[..., Awaitable[Any]]
 
 
 def handles(request_type: type[Request]) -> Callable[[HandlerMethod], HandlerMethod]:
@@ -51,16 +51,17 @@ def handles(request_type: type[Request]) -> Callable[[HandlerMethod], HandlerMet
 
 class Service:
     name: ClassVar[str] = "service"
-    _handlers: ClassVar[dict[type[Request], HandlerMethod]] = {}
+    # request type -> method name (a name, so a subclass may override a handler)
+    _handlers: ClassVar[dict[type[Request], str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._handlers = {}
         for klass in reversed(cls.__mro__):
-            for attr in vars(klass).values():
+            for name, attr in vars(klass).items():
                 request_type = getattr(attr, "__handles__", None)
                 if request_type is not None:
-                    cls._handlers[request_type] = attr
+                    cls._handlers[request_type] = name
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -112,13 +113,13 @@ class Service:
             self.events.publish(event, correlation_id)
 
     async def _dispatch(self, header: Envelope, request: Request) -> Any:
-        method = self._handlers.get(type(request))
-        if method is None:
+        name = self._handlers.get(type(request))
+        if name is None:
             return ErrorReply(
                 code=ErrorCode.NOT_IMPLEMENTED,
                 error=f"The {self.name} service does not handle {type(request).__name__} yet",
             )
-        return await method(self, request, header)
+        return await getattr(self, name)(request, header)
 
     async def _heartbeat(self) -> None:
         interval = self.settings.timeouts.heartbeat_s

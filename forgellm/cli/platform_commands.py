@@ -9,9 +9,11 @@ from pathlib import Path
 
 import click
 
-from forgellm.config import load_settings
+from forgellm.bus import EventPublisher
+from forgellm.config import bus_address, load_settings
 from forgellm.config.settings import ConfigError
 from forgellm.logs import configure_logging
+from forgellm.schemas import ProcessExited
 from forgellm.supervisor import Supervisor, default_procfile, parse_procfile
 
 PROCESSES = ("broker", "trainer", "inference", "catalog", "publisher", "gateway")
@@ -46,12 +48,22 @@ def start(server_port: int | None, web_port: int | None, host: str | None, procf
     """Start every ForgeLLM process (broker, services, gateway) and keep them running."""
     settings = _settings(server_port=server_port, web_port=web_port, host=host)
     entries = parse_procfile((procfile or default_procfile()).read_text())
-    supervisor = Supervisor(entries, env=_child_env(settings), grace_s=settings.timeouts.stop_grace_s)
+    # The supervisor knows first when a process dies: it says so on the bus, so health shows
+    # the process down at once rather than after missed heartbeats.
+    events = EventPublisher(bus_address(settings, "events_in"), "supervisor")
+
+    def announce(name: str, pid: int, code: int, restart_in_s: float | None) -> None:
+        events.publish(ProcessExited(name=name, pid=pid, exit_code=code, restart_in_s=restart_in_s))
+
+    supervisor = Supervisor(entries, env=_child_env(settings), grace_s=settings.timeouts.stop_grace_s,
+                            on_exit=announce)
     shown = "localhost" if settings.gateway.host in ("127.0.0.1", "::1") else settings.gateway.host
     supervisor.say("forgellm", f"web UI and API  http://{shown}:{settings.gateway.web_port}/")
     supervisor.say("forgellm", f"model server    http://{shown}:{settings.gateway.server_port}/api")
     supervisor.say("forgellm", f"workspace       {settings.home}")
-    sys.exit(asyncio.run(supervisor.run()))
+    code = asyncio.run(supervisor.run())
+    events.close()
+    sys.exit(code)
 
 
 def _run_gateway(settings, web_port: int, server_port: int) -> None:

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.procs import Platform, processes_of
+
+
+@pytest.fixture
+def short_tmp() -> Path:
+    """A short temporary folder: unix socket paths are limited to ~107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="fl-") as name:
+        yield Path(name)
+
+
+@pytest.fixture(scope="session")
+def platform():
+    """One running platform shared by the read-only gateway tests (debug logs on)."""
+    with tempfile.TemporaryDirectory(prefix="fl-") as name:
+        running = Platform(Path(name), FORGELLM_LOGGING_LEVEL="debug").start()
+        try:
+            running.wait_healthy()
+            yield running
+        finally:
+            running.stop()
+            running.kill_everything()
+
+
+@pytest.fixture
+def fresh_platform():
+    """A platform of the test's own, for tests that kill or stop things."""
+    with tempfile.TemporaryDirectory(prefix="fl-") as name:
+        running = Platform(Path(name))
+        try:
+            yield running
+        finally:
+            if running.proc is not None:
+                running.stop()
+            leftover = processes_of(running.home)
+            running.kill_everything()
+            assert not leftover, f"processes left behind: {leftover}"
