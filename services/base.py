@@ -32,6 +32,7 @@ from forgellm.schemas import (
     ServiceStatusRequest,
     ServiceStopping,
 )
+from forgellm.services.common.errors import ForgeError
 
 VERSION = "0.1.0"
 log = structlog.get_logger("service")
@@ -119,7 +120,10 @@ class Service:
                 code=ErrorCode.NOT_IMPLEMENTED,
                 error=f"The {self.name} service does not handle {type(request).__name__} yet",
             )
-        return await getattr(self, name)(request, header)
+        try:
+            return await getattr(self, name)(request, header)
+        except ForgeError as exc:
+            return exc.to_reply()
 
     async def _heartbeat(self) -> None:
         interval = self.settings.timeouts.heartbeat_s
