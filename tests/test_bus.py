@@ -59,7 +59,7 @@ async def joined(publisher: EventPublisher, subscriber: AsyncSubscriber) -> None
         try:
             await asyncio.wait_for(subscriber.recv(), 0.05)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
     raise AssertionError("subscription never joined")
 
@@ -114,7 +114,7 @@ async def test_subscriber_reports_a_gap_but_not_a_restart(bus):
         try:
             await asyncio.wait_for(subscriber.recv(), 0.05)
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             assert time.monotonic() < deadline
     while True:  # drain the duplicates of seq 1 still in flight
         send(2, "a")

@@ -108,14 +108,19 @@ def test_garbage_to_a_real_service_is_dropped_and_it_keeps_answering(bus_home):
 async def test_sigterm_finishes_the_request_in_hand(short_tmp):
     settings = load_settings(env=isolated_env(short_tmp))
     helper = Path(__file__).parent / "helpers" / "slow_service.py"
-    proc = subprocess.Popen([sys.executable, str(helper)], env=isolated_env(short_tmp))
+    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, str(helper)], env=isolated_env(short_tmp))
     try:
         address = bus_address(settings, "publisher")
         await asyncio.to_thread(wait_for_ping, address, "publisher")
+        (short_tmp / "in_handler").unlink()
         ctx = zmq.asyncio.Context()
         client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5)
         pending = asyncio.ensure_future(client.request(PingRequest()))
-        await asyncio.sleep(0.3)  # the request is now in the handler (which takes 1 s)
+        marker = short_tmp / "in_handler"
+        deadline = time.monotonic() + 10
+        while not marker.exists():  # the handler has started (and takes 1 s)
+            assert time.monotonic() < deadline and not pending.done()
+            await asyncio.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         reply = await pending
         assert reply.version == "slow"

@@ -6,6 +6,7 @@ import click
 
 from forgellm.cli.bus_commands import bus
 from forgellm.cli.config_commands import config
+from forgellm.cli.models_commands import models
 from forgellm.cli.platform_commands import server, service, start, web
 
 
@@ -15,7 +16,7 @@ def main() -> None:
     """ForgeLLM: continue pre-training and instruction-tune language models with MLX."""
 
 
-for command in (start, server, web, service, bus, config):
+for command in (start, server, web, service, bus, config, models):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -13,6 +13,7 @@ class SlowService(Service):
     name = "publisher"  # borrow a real service's address
 
     async def ping(self, request, header):
+        (self.settings.home / "in_handler").touch()  # tells the test the request is in hand
         await asyncio.sleep(1.0)
         return PingReply(service="slow", pid=self.pid, uptime_s=self.uptime(), version="slow")
 

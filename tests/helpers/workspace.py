@@ -42,7 +42,8 @@ def write_run(folder: Path, val_losses: dict[int, float], *, train_losses: list[
         {"model_name": "base/tiny", "training_type": kind, "max_iterations": max(val_losses), "batch_size": 2}))
     (folder / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 4,
-         "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.05, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}))
+         "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.05,
+                             "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}))
     lines = []
     for i, loss in enumerate(train_losses or [3.0, 2.5, 2.2, 2.0], 1):
         lines.append({"event": "train", "iteration": i * 10, "train_loss": loss, "learning_rate": 1e-4,
