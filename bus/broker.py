@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 import zmq
+
 from forgellm.bus.events import EventPublisher
 from forgellm.schemas import Heartbeat, ServiceReady, ServiceStopping
 

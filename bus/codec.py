@@ -11,6 +11,7 @@ import time
 from typing import Union
 
 import msgspec
+
 from forgellm.schemas import MESSAGE_TYPES, Envelope, Message
 
 _encoder = msgspec.msgpack.Encoder()

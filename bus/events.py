@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 import zmq
 import zmq.asyncio
+
 from forgellm.bus.codec import DecodeError, decode_body, decode_header, encode, new_id
 from forgellm.schemas import TOPICS, Envelope, Message
 

@@ -18,6 +18,7 @@ from typing import Union
 import structlog
 import zmq
 import zmq.asyncio
+
 from forgellm.bus.codec import DecodeError, decode_body, decode_header, encode, new_id
 from forgellm.bus.errors import RemoteError, ServiceTimeout, ServiceUnavailable
 from forgellm.schemas import Envelope, ErrorCode, ErrorReply, Reply, Request

@@ -12,6 +12,7 @@ import socketio
 import structlog
 import zmq.asyncio
 from aiohttp import web
+
 from forgellm.bus import AsyncRpcClient, AsyncSubscriber
 from forgellm.config import Settings, bus_address
 from forgellm.config.settings import SERVICE_NAMES

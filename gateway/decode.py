@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+
 from forgellm.gateway.errors import ApiError
 from forgellm.schemas import ErrorCode
 

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
+
 from forgellm.bus import BusError, new_id
 from forgellm.schemas import HTTP_STATUS, ErrorBody, ErrorCode, ErrorReply
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from forgellm.bus import AsyncSubscriber
 from forgellm.schemas import Heartbeat, ProcessExited, ServiceReady, ServiceStopping
 

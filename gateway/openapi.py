@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from forgellm.gateway.routes import ROUTES, Route
 from forgellm.schemas import ErrorBody, HealthReply
 

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import socketio
 import structlog
+
 from forgellm.bus import AsyncRpcClient, AsyncSubscriber, BusError
 from forgellm.schemas import (
     TrainingComplete,

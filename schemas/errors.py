@@ -4,6 +4,7 @@ import enum
 from typing import Any
 
 import msgspec
+
 from forgellm.schemas.base import Reply
 
 

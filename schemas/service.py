@@ -3,6 +3,7 @@
 from typing import Any
 
 import msgspec
+
 from forgellm.schemas.base import Message, Reply, Request
 
 

@@ -3,6 +3,7 @@
 from typing import Annotated, Literal
 
 import msgspec
+
 from forgellm.schemas.base import Message, Reply, Request
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]

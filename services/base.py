@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import structlog
 import zmq.asyncio
+
 from forgellm.bus import EventPublisher, RpcServer
 from forgellm.bus.broker import prepare_ipc
 from forgellm.config import Settings, bus_address

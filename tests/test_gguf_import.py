@@ -9,14 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from forgellm.services.mlx_runtime import preload_blas
 
 preload_blas()
 
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
-from forgellm.services.modelio.gguf import ModelImportError, import_gguf, read_tensor_types  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
+
+from forgellm.services.modelio.gguf import ModelImportError, import_gguf, read_tensor_types  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 96
 HEAD_DIM = HIDDEN // HEADS

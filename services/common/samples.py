@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import structlog
+
 from forgellm.services.common.workspace import Workspace
 
 NAMES = ("sample_cpt", "sample_ift")

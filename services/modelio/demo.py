@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import structlog
+
 from forgellm.services.modelio.gguf import ModelImportError, Progress, import_gguf
 
 log = structlog.get_logger(__name__)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from forgellm.services.mlx_runtime import preload_blas
 
 log = structlog.get_logger(__name__)
