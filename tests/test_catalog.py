@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -160,3 +162,39 @@ def test_browse_refuses_to_leave_the_workspace(catalog, path, status, code):
 def test_browse_refuses_url_encoded_escapes(catalog):
     got, body, _ = http("GET", catalog.web + "/api/filesystem/browse?path=%2E%2E%2F%2E%2E")
     assert got == 403 and body["error_code"] == "PATH_OUTSIDE_WORKSPACE"
+
+
+def test_dataset_info_counts_with_the_models_own_tokenizer(catalog):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["alpha", "beta", "gamma", "#", "Title", "Some", "words", "here.", "one", "line", "of", "text"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(catalog.home / "models" / "base" / "tiny-chat" / "tokenizer.json"))
+    status, body, _ = get(catalog, "/api/dataset/info", model="tiny-chat")
+    assert status == 200
+    info = {d["name"]: d for d in body["datasets"]}["my_domain"]
+    assert info["estimated_tokens"] == 300 + 5 + 4  # a.txt 300 words, b.md 5, c.jsonl 4
+    assert info["token_method"] == "tokenizer of tiny-chat"
+
+
+def run_cli(platform, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forgellm", *args], env=platform.env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_info_reads_the_files(catalog):
+    out = run_cli(catalog, "cli", "info", "--model", "tiny-base",
+                  "--adapter-path", "models/cpt/tiny_lr1e_04_bs2_iter30/0000020_adapters.safetensors")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    # 32x16 fp16 embedding + 2 layers of 16x16 weights packed 4-bit into 16x2 uint32
+    assert "Parameters: 1,024" not in text and "(1,024)" in text
+    assert "Type: Base Model" in text and "Architecture: Llama" in text
+    assert "Quantization: 4-bit (group size 8)" in text and "Context Length: 4,096 tokens" in text
+    assert "Type: LoRA Adapter" in text and "Rank: 8" in text and "Alpha: 16" in text
+    assert "Target Modules: q_proj, v_proj" in text
+    chat = run_cli(catalog, "cli", "info", "--model", "published/tiny_run_0000020_20250115_104500")
+    assert "Type: Instruct Model" in chat.stdout and "Quantization: fp16" in chat.stdout
+    missing = run_cli(catalog, "cli", "info", "--model", "org/unknown")
+    assert missing.returncode != 0 and "Model not found" in missing.stderr and "Traceback" not in missing.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from forgellm.cli.bus_commands import bus
+from forgellm.cli.cli_commands import cli_group
 from forgellm.cli.config_commands import config
 from forgellm.cli.models_commands import models
 from forgellm.cli.platform_commands import server, service, start, web
@@ -16,7 +17,7 @@ def main() -> None:
     """ForgeLLM: continue pre-training and instruction-tune language models with MLX."""
 
 
-for command in (start, server, web, service, bus, config, models):
+for command in (start, server, web, service, bus, config, models, cli_group):
     main.add_command(command)
 
 __all__ = ["main"]
