@@ -8,7 +8,6 @@ worker, are signalled with it) and, on Linux, gets SIGTERM if the supervisor its
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import re
 import shlex
@@ -19,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from forgellm.services.common.process import die_with_parent
 
 _LINE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+):\s*(?P<command>.+)$")
 
@@ -47,14 +48,6 @@ def parse_procfile(text: str) -> list[ProcEntry]:
 
 def default_procfile() -> Path:
     return Path(__file__).resolve().parent.parent / "Procfile"
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 class Supervisor:
@@ -100,7 +93,7 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             limit=1 << 20,
         )
 

@@ -38,6 +38,7 @@ class TrainingStartRequest(Request, kw_only=True):
     val_batches: Annotated[int, msgspec.Meta(ge=1)] = 8
     validation_split: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.1
     early_stopping_patience: Annotated[int, msgspec.Meta(ge=0)] = 3
+    steps_per_report: Annotated[int, msgspec.Meta(ge=1)] = 10
     seed: int = 0
     general_dataset: str | None = None
     resume_from: str | None = None
@@ -122,6 +123,9 @@ class TrainingUpdate(Message, kw_only=True):
     memory_usage_gb: float | None = None
     progress_percentage: float = 0.0
     eta_minutes: float | None = None
+    phase: str = "training"
+    trained_tokens: int | None = None
+    peak_memory_gb: float | None = None
 
 
 class TrainingCheckpoint(Message, kw_only=True):

@@ -1,39 +1,287 @@
 """The trainer service: owns the one active training run.
 
-This first version knows there is no run yet; starting runs arrives with the trainer issue.
+The run itself executes in a worker process (``services/training/worker.py``) so a crash or an
+out-of-memory kill never takes this service down: it keeps answering status, reports
+``training.error`` with a suggestion, and (by default) resumes the run once from its last
+checkpoint. The service learns the run's progress from the worker's own events on the bus.
 """
 
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from forgellm.bus import AsyncSubscriber
+from forgellm.config import bus_address
 from forgellm.schemas import (
     Envelope,
     ErrorCode,
-    ErrorReply,
+    RealtimeMetrics,
     RealtimeReply,
     RealtimeRequest,
+    TrainingComplete,
+    TrainingError,
+    TrainingStarted,
+    TrainingStartReply,
+    TrainingStartRequest,
     TrainingStatusReply,
     TrainingStatusRequest,
+    TrainingStopReply,
     TrainingStopRequest,
+    TrainingUpdate,
 )
 from forgellm.services.base import Service, handles
+from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.models import resolve_model
+from forgellm.services.common.process import die_with_parent
+from forgellm.services.common.workspace import Workspace
+from forgellm.services.training import checkpoints as ckpt
+from forgellm.services.training.validate import check_dataset, resolve_dataset, run_name, training_id
+
+log = structlog.get_logger("trainer")
+
+
+@dataclass
+class ActiveRun:
+    training_id: str
+    training_type: str
+    run_dir: Path
+    output_dir: str
+    max_iterations: int
+    process: asyncio.subprocess.Process | None = None
+    phase: str = "starting"
+    last: TrainingUpdate | None = None
+    finished: bool = False
+    reported_error: bool = False
+    resumed_after_crash: bool = False
+    auto_resume: bool = True
+    started: float = field(default_factory=time.monotonic)
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 class TrainerService(Service):
     name = "trainer"
 
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.workspace = Workspace(settings.home)
+        self.active: ActiveRun | None = None
+        self._tasks: set[asyncio.Task] = set()
+
     def state(self) -> str:
-        return "idle"
+        return "training" if self.is_training() else "idle"
+
+    def is_training(self) -> bool:
+        return self.active is not None and not self.active.finished
+
+    async def on_start(self) -> None:
+        self.feed = AsyncSubscriber(self.ctx, bus_address(self.settings, "events_out"), ("training.",))
+        self._spawn_task(self._follow_events())
+
+    async def on_stop(self) -> None:
+        run = self.active
+        if run and run.process and run.process.returncode is None:
+            run.process.send_signal(signal.SIGTERM)  # graceful: a final checkpoint
+            try:
+                await asyncio.wait_for(run.process.wait(), self.settings.timeouts.stop_grace_s - 1)
+            except TimeoutError:
+                run.process.kill()
+        self.feed.close()
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- events from the worker ---------------------------------------------------------------
+
+    async def _follow_events(self) -> None:
+        async for record in self.feed:
+            run, event = self.active, record.body
+            if run is None or getattr(event, "training_id", None) != run.training_id:
+                continue
+            if isinstance(event, TrainingUpdate):
+                run.phase = event.phase
+                if event.phase == "training":
+                    run.last = event
+            elif isinstance(event, TrainingComplete):
+                run.finished = True
+                run.phase = "stopped" if event.stopped else ("early stopped" if "early" in event.reason
+                                                             else "completed")
+            elif isinstance(event, TrainingError) and record.header.source == "trainer-worker":
+                run.reported_error = True
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def _prepare(self, request: TrainingStartRequest) -> tuple[ActiveRun, dict]:
+        ws = self.workspace
+        model = resolve_model(request.model_name, ws)
+        dataset = resolve_dataset(ws, request.dataset)
+        check_dataset(dataset, request.training_type)
+        general = None
+        if request.general_dataset:
+            general = resolve_dataset(ws, request.general_dataset, field="general_dataset")
+            check_dataset(general, "cpt")
+        elif request.data_mixture_ratio < 1.0:
+            raise ForgeError(ErrorCode.INVALID_REQUEST,
+                             "data_mixture_ratio < 1 needs general_dataset (self-synthesized replay is not "
+                             "available yet)", details={"field": "general_dataset"},
+                             suggestion="Name a general-text dataset, or set data_mixture_ratio to 1.")
+        now = datetime.now()
+        if request.resume_from:
+            source = ws.resolve(request.resume_from, field="resume_from")
+            run_dir = source if source.is_dir() else source.parent
+            if not (run_dir / "training_config.json").is_file():
+                raise ForgeError(ErrorCode.RUN_NOT_FOUND, f"No run at {request.resume_from}",
+                                 details={"field": "resume_from"})
+            if source.is_file():
+                ckpt.checkpoint_iteration(source)
+            elif ckpt.latest_checkpoint(run_dir) is None:
+                raise ForgeError(ErrorCode.CHECKPOINT_NOT_FOUND, f"No checkpoint in {request.resume_from}",
+                                 details={"field": "resume_from"})
+            request.resume_from = str(source)
+            previous = json.loads((run_dir / "training_config.json").read_text())
+            tid = previous.get("training_id") or training_id(request, now)
+        else:
+            kind_dir = ws.runs_of(request.training_type)
+            kind_dir.mkdir(parents=True, exist_ok=True)
+            name = run_name(request, model.path, now)
+            run_dir, n = kind_dir / name, 2
+            while run_dir.exists():
+                run_dir, n = kind_dir / f"{name}_{n}", n + 1
+            run_dir.mkdir()
+            tid = training_id(request, now)
+        output_dir = ws.relative(run_dir)
+        config = {**msgspec.to_builtins(request), "training_id": tid, "model_path": str(model.path),
+                  "dataset_path": str(dataset), "general_dataset_path": str(general) if general else None,
+                  "output_dir": output_dir, "created_at": now.isoformat(timespec="seconds")}
+        config.pop("type", None)
+        ckpt.atomic_write_text(run_dir / "training_config.json", json.dumps(config, indent=2))
+        ws.state_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(ws.state_dir / "current_run", output_dir)
+        run = ActiveRun(tid, request.training_type, run_dir, output_dir, request.max_iterations)
+        return run, config
+
+    async def _launch(self, run: ActiveRun, resume_from: str | None = None) -> None:
+        argv = [sys.executable, "-m", "forgellm.services.training.worker", str(run.run_dir)]
+        if resume_from:
+            argv.append(resume_from)
+        run.process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, env=os.environ.copy(), preexec_fn=die_with_parent)
+        run.finished = False
+        run.reported_error = False
+        self._spawn_task(self._watch(run))
+        log.info("worker_started", pid=run.process.pid, training_id=run.training_id, resume_from=resume_from)
+
+    @handles(TrainingStartRequest)
+    async def start_training(self, request: TrainingStartRequest, header: Envelope) -> TrainingStartReply:
+        if self.is_training():
+            raise ForgeError(ErrorCode.TRAINING_ALREADY_RUNNING, "Training is already running",
+                             details={"training_id": self.active.training_id},
+                             suggestion="Stop it with POST /api/training/stop, or wait for it to finish.")
+        self.active = None
+        run, config = await asyncio.to_thread(self._prepare, request)
+        if self.is_training():  # another start won the race while we were preparing
+            raise ForgeError(ErrorCode.TRAINING_ALREADY_RUNNING, "Training is already running")
+        self.active = run
+        await self._launch(run)
+        self.publish(TrainingStarted(training_id=run.training_id, training_type=run.training_type,
+                                     output_dir=run.output_dir, max_iterations=run.max_iterations),
+                     header.correlation_id)
+        return TrainingStartReply(training_id=run.training_id, output_dir=run.output_dir)
+
+    # --- a worker that ends -----------------------------------------------------------------
+
+    async def _watch(self, run: ActiveRun) -> None:
+        assert run.process is not None
+        code = await run.process.wait()
+        if run is not self.active:
+            return
+        await asyncio.sleep(0)  # let already-received events be applied first
+        if code == 0 and run.finished:
+            return
+        if code < 0:
+            error = f"The training worker was killed ({_signal_name(code)})"
+            suggestion = ("It was probably out of memory: reduce batch_size or max_seq_length, or enable "
+                          "grad_checkpoint." if code == -signal.SIGKILL else "Check the trainer log.")
+        else:
+            error = f"The training worker exited with code {code}"
+            suggestion = "See the trainer log; resume from the last checkpoint with resume_from."
+        iteration = run.last.iteration if run.last else None
+        if not run.reported_error:
+            self.publish(TrainingError(training_id=run.training_id, error=error, iteration=iteration,
+                                       suggestion=suggestion))
+        latest = ckpt.latest_checkpoint(run.run_dir)
+        if code < 0 and run.auto_resume and not run.resumed_after_crash and latest is not None:
+            run.resumed_after_crash = True
+            run.phase = "resuming"
+            log.warning("resuming_after_crash", training_id=run.training_id, checkpoint=latest)
+            await self._launch(run, str(ckpt.adapter_file(run.run_dir, latest)))
+            return
+        run.finished = True
+        run.phase = "failed"
+
+    # --- stop and status --------------------------------------------------------------------
+
+    @handles(TrainingStopRequest)
+    async def stop_training(self, request: TrainingStopRequest, header: Envelope) -> TrainingStopReply:
+        run = self.active
+        if run is None or run.finished or run.process is None or run.process.returncode is not None:
+            raise ForgeError(ErrorCode.NO_TRAINING_RUNNING, "No training is running",
+                             suggestion="Start one with POST /api/training/start or 'forgellm train'.")
+        run.auto_resume = False
+        run.phase = "stopping"
+        run.process.send_signal(signal.SIGTERM)
+        try:  # a final checkpoint takes at most one iteration; answer as soon as it is written
+            await asyncio.wait_for(asyncio.shield(run.process.wait()), 3.0)
+            return TrainingStopReply(message="Training stopped successfully")
+        except TimeoutError:
+            return TrainingStopReply(message="Training is stopping: the final checkpoint is being written")
 
     @handles(TrainingStatusRequest)
     async def training_status(self, request: TrainingStatusRequest, header: Envelope) -> TrainingStatusReply:
-        return TrainingStatusReply(is_training=False)
+        run = self.active
+        if run is None:
+            return TrainingStatusReply()
+        last = run.last
+        iteration = last.iteration if last else 0
+        return TrainingStatusReply(
+            is_training=not run.finished, training_id=run.training_id, training_type=run.training_type,
+            phase=run.phase, current_iteration=iteration, max_iterations=run.max_iterations,
+            progress_percentage=round(100 * iteration / run.max_iterations, 2),
+            current_loss=last.training_loss if last else None,
+            validation_loss=last.validation_loss if last else None,
+            learning_rate=last.learning_rate if last else None,
+            tokens_per_second=last.tokens_per_second if last else None,
+            memory_usage_gb=last.memory_usage_gb if last else None,
+            eta_minutes=last.eta_minutes if last and not run.finished else None,
+            output_dir=run.output_dir)
 
     @handles(RealtimeRequest)
     async def realtime(self, request: RealtimeRequest, header: Envelope) -> RealtimeReply:
-        return RealtimeReply(is_training=False)
-
-    @handles(TrainingStopRequest)
-    async def stop_training(self, request: TrainingStopRequest, header: Envelope) -> ErrorReply:
-        return ErrorReply(
-            code=ErrorCode.NO_TRAINING_RUNNING,
-            error="No training is running",
-            suggestion="Start one with POST /api/training/start or 'forgellm train'.",
-        )
+        run = self.active
+        if run is None or run.last is None:
+            return RealtimeReply(is_training=self.is_training())
+        last = run.last
+        metrics = RealtimeMetrics(
+            iteration=last.iteration, training_loss=last.training_loss, validation_loss=last.validation_loss,
+            learning_rate=last.learning_rate, tokens_per_second=last.tokens_per_second,
+            memory_usage_gb=last.memory_usage_gb, gpu_utilization=None,
+            timestamp=datetime.now().astimezone().isoformat(timespec="seconds"))
+        return RealtimeReply(current_metrics=metrics, is_training=not run.finished)

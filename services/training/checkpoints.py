@@ -1,0 +1,68 @@
+"""Checkpoint files, written so a crash never leaves half of one.
+
+A checkpoint at iteration N is ``NNNNNNN_adapters.safetensors`` (mlx-lm naming) plus
+``optimizer/NNNNNNN_optimizer.safetensors`` and ``optimizer/NNNNNNN_state.json`` (what resume
+needs: iteration, best validation loss, early-stopping counter). Each file is written under a
+temporary name and renamed; the adapter file is renamed last, so its presence means the whole
+checkpoint is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT = re.compile(r"^(\d{7})_adapters\.safetensors$")
+
+
+def adapter_file(run_dir: Path, iteration: int) -> Path:
+    return run_dir / f"{iteration:07d}_adapters.safetensors"
+
+
+def optimizer_file(run_dir: Path, iteration: int) -> Path:
+    return run_dir / "optimizer" / f"{iteration:07d}_optimizer.safetensors"
+
+
+def state_file(run_dir: Path, iteration: int) -> Path:
+    return run_dir / "optimizer" / f"{iteration:07d}_state.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(path: Path, arrays: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    import mlx.core as mx
+
+    tmp = path.with_name(f".{path.name}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: Path) -> int | None:
+    iterations = [int(m.group(1)) for p in run_dir.glob("*_adapters.safetensors") if (m := CHECKPOINT.match(p.name))]
+    return max(iterations) if iterations else None
+
+
+def checkpoint_iteration(path: Path) -> int:
+    match = CHECKPOINT.match(path.name)
+    if not match:
+        raise ValueError(f"{path.name} is not a checkpoint file (NNNNNNN_adapters.safetensors)")
+    return int(match.group(1))
+
+
+def read_state(run_dir: Path, iteration: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(state_file(run_dir, iteration).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,392 @@
+"""The training worker: one process per run, spawned by the trainer service.
+
+    python -m forgellm.services.training.worker RUN_DIR
+
+It reads ``RUN_DIR/training_config.json``, trains, and reports on the bus (``training.update``
+every ``steps_per_report`` steps, ``training.checkpoint``, ``training.complete``,
+``training.error``) and in ``metrics.jsonl``. SIGTERM asks it to stop: it finishes the step in
+hand, writes a final checkpoint and reports ``training.complete`` with ``stopped: true``.
+Resuming (``resume_from`` in the config) restores weights, optimizer state, iteration and the
+data order, so a resumed run continues exactly where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import structlog
+
+from forgellm.bus import EventPublisher
+from forgellm.config import bus_address, load_settings
+from forgellm.logs import configure_logging
+from forgellm.schemas import (
+    ErrorCode,
+    TrainingCheckpoint,
+    TrainingComplete,
+    TrainingError,
+    TrainingStartRequest,
+    TrainingUpdate,
+)
+from forgellm.services.common.errors import ForgeError
+from forgellm.services.mlx_runtime import preload_blas
+from forgellm.services.training import checkpoints as ckpt
+from forgellm.services.training.data import (
+    BatchOrder,
+    Rows,
+    input_token_count,
+    load_chat_examples,
+    load_documents,
+    make_batch,
+    pack,
+    split_documents,
+    tokenize_chat,
+)
+from forgellm.services.training.schedule import learning_rate_at
+
+log = structlog.get_logger("trainer.worker")
+GB = 1e9
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Metrics:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed at once)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._file = open(run_dir / "metrics.jsonl", "a")
+
+    def write(self, event: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"event": event, **fields, "timestamp": now_iso()}) + "\n")
+        self._file.flush()
+
+
+class Run:
+    def __init__(self, run_dir: Path, events: EventPublisher) -> None:
+        self.run_dir = run_dir
+        raw = json.loads((run_dir / "training_config.json").read_text())
+        self.meta = {k: raw.pop(k) for k in ("training_id", "model_path", "dataset_path", "general_dataset_path",
+                                             "output_dir", "created_at") if k in raw}
+        self.config = msgspec.convert(raw, TrainingStartRequest)
+        self.training_id = self.meta["training_id"]
+        self.events = events
+        self.metrics = Metrics(run_dir)
+        self.stop_requested = False
+        self.iteration = 0
+        self.best_val: float | None = None
+        self.bad_evals = 0
+        self.last_val: float | None = None
+        self.trained_tokens = 0
+        self.started = time.monotonic()
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        import mlx.core as mx
+        import mlx_lm
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        cfg = self.config
+        mx.random.seed(cfg.seed)
+        self.model, self.tokenizer = mlx_lm.load(self.meta["model_path"])
+        self.model.freeze()
+        n_layers = len(self.model.layers)
+        layers = n_layers if cfg.lora_layers < 0 else min(cfg.lora_layers, n_layers)
+        lora = {"rank": cfg.lora_rank, "scale": cfg.lora_alpha / cfg.lora_rank, "alpha": cfg.lora_alpha,
+                "dropout": cfg.lora_dropout, "keys": cfg.lora_targets or None}
+        if cfg.fine_tune_type == "full":
+            self.model.unfreeze()
+        else:
+            linear_to_lora_layers(self.model, layers, lora, use_dora=cfg.fine_tune_type == "dora")
+        if cfg.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(self.model.layers[0])
+        adapter_config = {"fine_tune_type": cfg.fine_tune_type, "num_layers": layers, "lora_parameters": lora,
+                          "model": cfg.model_name, "base_model_path": self.meta["model_path"],
+                          "training_id": self.training_id}
+        ckpt.atomic_write_text(self.run_dir / "adapter_config.json", json.dumps(adapter_config, indent=2))
+
+    def prepare_data(self) -> None:
+        cfg = self.config
+        dataset = Path(self.meta["dataset_path"])
+        tok = self.tokenizer
+        if cfg.training_type == "cpt":
+            train_docs, valid_docs = split_documents(load_documents(dataset), cfg.validation_split, cfg.seed)
+            encode = tok.encode
+            train = Rows.packed(pack([encode(d) for d in train_docs], cfg.max_seq_length, tok.eos_token_id))
+            valid = Rows.packed(pack([encode(d) for d in valid_docs], cfg.max_seq_length, tok.eos_token_id))
+            if cfg.data_mixture_ratio < 1.0 and self.meta.get("general_dataset_path"):
+                general_docs = [t for _, t in load_documents(Path(self.meta["general_dataset_path"]))]
+                general = pack([encode(d) for d in general_docs], cfg.max_seq_length, tok.eos_token_id)
+                want = round(len(train) * (1 - cfg.data_mixture_ratio) / cfg.data_mixture_ratio)
+                if len(general) and want:
+                    picks = [general[i % len(general)] for i in range(want)]
+                    extra = Rows.packed(np.asarray(picks))
+                    train = Rows(train.ids + extra.ids, train.masks + extra.masks)
+        else:
+            examples = load_chat_examples(dataset)
+            order = np.random.default_rng(cfg.seed).permutation(len(examples))
+            n_valid = min(len(examples) - 1, max(1, math.ceil(len(examples) * cfg.validation_split)))
+            tokenized = [tokenize_chat(tok, examples[i][1]) for i in order]
+            valid = Rows.chats(tokenized[:n_valid], cfg.max_seq_length)
+            train = Rows.chats(tokenized[n_valid:], cfg.max_seq_length)
+        if len(valid) == 0:
+            raise ForgeError(ErrorCode.INVALID_REQUEST,
+                             "No validation rows: the held-out part is shorter than one sequence",
+                             suggestion="Lower max_seq_length, raise validation_split or add data.")
+        self.train, self.valid = train, valid
+        self.order = BatchOrder(len(train), cfg.batch_size, cfg.seed)
+        n_val = min(cfg.val_batches, math.ceil(len(valid) / cfg.batch_size))
+        self.val_batches = [list(range(b * cfg.batch_size, min(len(valid), (b + 1) * cfg.batch_size)))
+                            for b in range(n_val)]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        log.info("data_ready", train_rows=len(train), valid_rows=len(valid), val_batches=n_val)
+
+    def build_step(self) -> None:
+        from functools import partial
+
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+
+        cfg = self.config
+        self.optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+        def loss_fn(model, inputs, targets, mask):
+            logits = model(inputs)
+            ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
+            ntoks = mask.sum()
+            return ce.sum() / ntoks, ntoks
+
+        self.loss_fn = loss_fn
+        value_and_grad = nn.value_and_grad(self.model, loss_fn)
+        state = [self.model.state, self.optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(inputs, targets, mask):
+            (loss, ntoks), grads = value_and_grad(self.model, inputs, targets, mask)
+            self.optimizer.update(self.model, grads)
+            return loss, ntoks
+
+        self.step = step
+
+    # --- checkpoints and resume -------------------------------------------------------------
+
+    def save_checkpoint(self, val_loss: float | None) -> Path:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        it = self.iteration
+        (self.run_dir / "optimizer").mkdir(exist_ok=True)
+        opt_state = dict(tree_flatten(self.optimizer.state))
+        ckpt.atomic_save_safetensors(ckpt.optimizer_file(self.run_dir, it), opt_state)
+        ckpt.atomic_write_text(ckpt.state_file(self.run_dir, it), json.dumps({
+            "iteration": it, "best_val": self.best_val, "bad_evals": self.bad_evals, "last_val": self.last_val,
+            "trained_tokens": self.trained_tokens, "rng": mx.random.state[0].tolist()}))
+        adapters = dict(tree_flatten(self.model.trainable_parameters()))
+        path = ckpt.adapter_file(self.run_dir, it)
+        ckpt.atomic_save_safetensors(path, adapters, {"iteration": str(it), "training_id": self.training_id})
+        ckpt.atomic_save_safetensors(self.run_dir / "adapters.safetensors", adapters)  # mlx-lm's "latest"
+        self.metrics.write("checkpoint", iteration=it, file=path.name, val_loss=val_loss)
+        self.events.publish(TrainingCheckpoint(training_id=self.training_id, iteration=it,
+                                               path=str(path), validation_loss=val_loss))
+        self.last_checkpoint = it
+        return path
+
+    def resume(self, source: Path) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_unflatten
+
+        run_dir = source if source.is_dir() else source.parent
+        iteration = ckpt.latest_checkpoint(run_dir) if source.is_dir() else ckpt.checkpoint_iteration(source)
+        if iteration is None:
+            raise ForgeError(ErrorCode.CHECKPOINT_NOT_FOUND, f"No checkpoint to resume from in {run_dir}")
+        self.model.load_weights(str(ckpt.adapter_file(run_dir, iteration)), strict=False)
+        opt_path = ckpt.optimizer_file(run_dir, iteration)
+        if opt_path.is_file():
+            self.optimizer.state = tree_unflatten(list(mx.load(str(opt_path)).items()))
+        else:
+            log.warning("resume_without_optimizer_state", iteration=iteration)
+        state = ckpt.read_state(run_dir, iteration) or {}
+        self.best_val = state.get("best_val")
+        self.bad_evals = state.get("bad_evals", 0)
+        self.last_val = state.get("last_val")
+        self.trained_tokens = state.get("trained_tokens", 0)
+        if state.get("rng") is not None:
+            mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
+        self.iteration = iteration
+        self.last_checkpoint = iteration
+        self.metrics.write("resume", iteration=iteration, source=str(source))
+        log.info("resumed", iteration=iteration, source=str(source))
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        import mlx.core as mx
+
+        total, count = 0.0, 0.0
+        for indices in self.val_batches:
+            inputs, targets, mask = make_batch(self.valid, indices, self.pad_id)
+            loss, ntoks = self.loss_fn(self.model, mx.array(inputs), mx.array(targets), mx.array(mask))
+            mx.eval(loss, ntoks)
+            total += loss.item() * ntoks.item()
+            count += ntoks.item()
+        return total / max(count, 1.0)
+
+    def phase(self, name: str) -> None:
+        self.events.publish(TrainingUpdate(training_id=self.training_id, iteration=self.iteration, phase=name,
+                                           progress_percentage=0.0))
+        self.metrics.write("phase", iteration=self.iteration, phase=name)
+
+    def train(self) -> None:
+        import mlx.core as mx
+
+        cfg = self.config
+        self.last_checkpoint = 0
+        self.phase("loading model")
+        self.load_model()
+        self.phase("preparing data")
+        self.prepare_data()
+        self.build_step()
+        if cfg.resume_from:
+            self.resume(Path(cfg.resume_from))
+        self.metrics.write("start", iteration=self.iteration, train_rows=len(self.train),
+                           valid_rows=len(self.valid))
+        window_tokens, window_started, window_losses = 0, time.perf_counter(), []
+        stop_reason = ""
+        speed_history: list[float] = []
+        while self.iteration < cfg.max_iterations and not self.stop_requested:
+            self.iteration += 1
+            it = self.iteration
+            lr = learning_rate_at(it, peak=cfg.learning_rate, schedule=cfg.lr_schedule,
+                                  warmup_steps=cfg.warmup_steps, max_iterations=cfg.max_iterations)
+            self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
+            indices = self.order.indices(it)
+            inputs, targets, mask = make_batch(self.train, indices, self.pad_id)
+            loss, _ = self.step(mx.array(inputs), mx.array(targets), mx.array(mask))
+            mx.eval(loss, self.model.state, self.optimizer.state)
+            tokens = input_token_count(self.train, indices)
+            window_tokens += tokens
+            self.trained_tokens += tokens
+            window_losses.append(loss.item())
+            val_loss = None
+            due_eval = it % cfg.steps_per_eval == 0 or it % cfg.save_every == 0 or it == cfg.max_iterations
+            if due_eval:
+                val_loss = self.evaluate()
+                self.last_val = val_loss
+                self.metrics.write("eval", iteration=it, val_loss=val_loss)
+                stop_reason = self.check_overfitting(val_loss)
+            if it % cfg.save_every == 0 or it == cfg.max_iterations or stop_reason:
+                self.save_checkpoint(val_loss)
+            if it % cfg.steps_per_report == 0 or due_eval or it == cfg.max_iterations:
+                elapsed = time.perf_counter() - window_started
+                speed = window_tokens / elapsed if elapsed > 0 else None
+                if speed:
+                    speed_history = (speed_history + [speed])[-5:]
+                avg_speed = sum(speed_history) / len(speed_history) if speed_history else None
+                left_tokens = (cfg.max_iterations - it) * (self.trained_tokens / max(it, 1))
+                eta = (left_tokens / avg_speed / 60) if avg_speed else None
+                train_loss = sum(window_losses) / len(window_losses)
+                memory, peak = mx.get_active_memory() / GB, mx.get_peak_memory() / GB
+                self.metrics.write("train", iteration=it, train_loss=train_loss, learning_rate=lr,
+                                   tokens_per_second=speed, trained_tokens=self.trained_tokens,
+                                   memory_usage_gb=memory, peak_memory_gb=peak)
+                self.events.publish(TrainingUpdate(
+                    training_id=self.training_id, iteration=it, training_loss=train_loss,
+                    validation_loss=self.last_val, learning_rate=lr, tokens_per_second=speed,
+                    memory_usage_gb=memory, peak_memory_gb=peak, trained_tokens=self.trained_tokens,
+                    progress_percentage=round(100 * it / cfg.max_iterations, 2),
+                    eta_minutes=round(eta, 2) if eta is not None else None))
+                window_tokens, window_started, window_losses = 0, time.perf_counter(), []
+            if stop_reason:
+                break
+        stopped = self.stop_requested and self.iteration < cfg.max_iterations
+        if self.last_checkpoint != self.iteration:
+            val_loss = self.evaluate()
+            self.last_val = val_loss
+            self.metrics.write("eval", iteration=self.iteration, val_loss=val_loss)
+            self.save_checkpoint(val_loss)
+        from forgellm.services.common.runs import rank_checkpoints
+        from forgellm.services.common.workspace import Workspace
+
+        best = rank_checkpoints(Workspace(self.run_dir), self.run_dir).best
+        reason = stop_reason or ("stopped by request" if stopped else "completed")
+        self.metrics.write("complete", iteration=self.iteration, stopped=stopped, reason=reason, best_checkpoints=best)
+        self.events.publish(TrainingComplete(
+            training_id=self.training_id, stopped=stopped, final_iteration=self.iteration,
+            final_loss=self.last_val, training_time_minutes=round((time.monotonic() - self.started) / 60, 3),
+            best_checkpoints=best, output_dir=self.meta.get("output_dir", str(self.run_dir)), reason=reason))
+
+    def check_overfitting(self, val_loss: float) -> str:
+        """Early stop when validation loss stays more than ``overfitting_threshold`` (relative)
+        above its best for ``early_stopping_patience`` evaluations in a row."""
+        cfg = self.config
+        if self.best_val is None or val_loss < self.best_val:
+            self.best_val = val_loss
+            self.bad_evals = 0
+            return ""
+        if val_loss > self.best_val * (1 + cfg.overfitting_threshold):
+            self.bad_evals += 1
+        else:
+            self.bad_evals = 0
+        if cfg.early_stopping_patience and self.bad_evals >= cfg.early_stopping_patience:
+            return (f"early stop: validation loss {val_loss:.4f} stayed more than "
+                    f"{cfg.overfitting_threshold:.0%} above its best ({self.best_val:.4f}) for "
+                    f"{self.bad_evals} evaluations")
+        return ""
+
+
+def suggestion_for(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "memory" in text:
+        return "Reduce batch_size or max_seq_length, enable grad_checkpoint, or use a smaller model."
+    if isinstance(exc, OSError) and "space" in text:
+        return "Free disk space in the workspace; earlier checkpoints are intact."
+    return "See the trainer log for details; resume from the last checkpoint with resume_from."
+
+
+def main(argv: list[str]) -> int:
+    """``worker RUN_DIR [RESUME_FROM]``: RESUME_FROM (a checkpoint file or run folder) overrides
+    the config's ``resume_from``; the trainer uses it to resume a run after a crash."""
+    run_dir = Path(argv[1]).resolve()
+    settings = load_settings()
+    configure_logging("trainer-worker", settings.logging.level, settings.logging.format)
+    log.info("blas", library=preload_blas())
+    events = EventPublisher(bus_address(settings, "events_in"), "trainer-worker", hwm=settings.bus.hwm)
+    run = Run(run_dir, events)
+    if len(argv) > 2:
+        run.config.resume_from = argv[2]
+    structlog.contextvars.bind_contextvars(training_id=run.training_id)
+
+    def request_stop(*_: object) -> None:
+        run.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        run.train()
+        return 0
+    except Exception as exc:  # reported on the bus and in metrics.jsonl, then a non-zero exit
+        log.exception("training_failed")
+        suggestion = exc.suggestion if isinstance(exc, ForgeError) and exc.suggestion else suggestion_for(exc)
+        run.metrics.write("error", iteration=run.iteration, error=str(exc), suggestion=suggestion)
+        events.publish(TrainingError(training_id=run.training_id, error=f"{type(exc).__name__}: {exc}",
+                                     iteration=run.iteration, suggestion=suggestion))
+        return 1
+    finally:
+        events.close()  # LINGER lets the last events leave before the process exits
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
