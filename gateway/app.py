@@ -18,6 +18,7 @@ from forgellm.config import Settings, bus_address
 from forgellm.config.settings import SERVICE_NAMES
 from forgellm.gateway.decode import decode_body, decode_query
 from forgellm.gateway.errors import ApiError, request_context
+from forgellm.gateway.generation import generate_handler
 from forgellm.gateway.health import PROCESSES, ServiceMonitor, system_info
 from forgellm.gateway.openapi import openapi_document
 from forgellm.gateway.realtime import TrainingEvents
@@ -55,7 +56,7 @@ class BusLink:
     def training_feed(self) -> AsyncSubscriber:
         return AsyncSubscriber(self.ctx, bus_address(self.settings, "events_out"), ("training.",))
 
-    async def call(self, service: str, request: Any, request_id: str) -> Any:
+    def check_up(self, service: str) -> None:
         if self.monitor.is_down(service):
             raise ApiError(
                 ErrorCode.SERVICE_UNAVAILABLE,
@@ -63,6 +64,9 @@ class BusLink:
                 details={"service": service},
                 suggestion="Start the platform with 'forgellm start'; 'GET /api/health' shows each process.",
             )
+
+    async def call(self, service: str, request: Any, request_id: str) -> Any:
+        self.check_up(service)
         return await self.clients[service].request(request, correlation_id=request_id)
 
     def close(self) -> None:
@@ -113,6 +117,8 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
             continue
         if route.path == "/api/health":
             handler = _health_handler(link)
+        elif route.path == "/api/model/generate":
+            handler = generate_handler(link)  # streams NDJSON when asked (gateway/generation.py)
         elif route.path == "/api/openapi.json":
             async def handler(request: web.Request, _api: str = api) -> web.Response:
                 return json_response(openapi_document(_api, f"{request.scheme}://{request.host}"))

@@ -26,6 +26,8 @@ from forgellm.schemas.envelope import Envelope
 from forgellm.schemas.errors import HTTP_STATUS, ErrorBody, ErrorCode, ErrorReply
 from forgellm.schemas.inference import (
     ChatMessage,
+    GenerateCancelReply,
+    GenerateCancelRequest,
     GenerateChunk,
     GenerateReply,
     GenerateRequest,

@@ -30,8 +30,17 @@ class ModelStatusReply(Reply, kw_only=True):
     model_name: str | None = None
     adapter_path: str | None = None
     model_type: str | None = None
+    # Measured: bytes held by MLX (weights, caches) per mx.get_active_memory(), in GiB.
     memory_usage_gb: float | None = None
     error: str | None = None
+    # Beyond the reference: the adapter file actually applied (a run folder's best checkpoint),
+    # and the generation queue.
+    adapter_file: str | None = None
+    adapter_note: str | None = None
+    active_generations: int = 0
+    queued_generations: int = 0
+    generations_completed: int = 0
+    generations_cancelled: int = 0
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -51,6 +60,9 @@ class GenerateRequest(Request, kw_only=True):
     streaming: bool = False
     is_base_model: bool = False
     adapter: str | None = None
+    # Names the generation so GenerateCancelRequest can stop it. The gateway always sets a
+    # fresh one (a value given in a REST body is replaced).
+    generation_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
 
 
 class GenerateChunk(Reply, kw_only=True):
@@ -67,7 +79,19 @@ class GenerateReply(Reply, kw_only=True):
     generation_time_seconds: float
     tokens_per_second: float
     time_to_first_token: float | None = None
-    finish_reason: str = "stop"
+    finish_reason: str = "stop"  # stop (EOS or a stop string) | length | cancelled
+    prompt_tokens: int = 0
+
+
+class GenerateCancelRequest(Request, kw_only=True):
+    """Stop a generation (queued or running); the gateway sends it when a client disconnects."""
+
+    generation_id: str
+
+
+class GenerateCancelReply(Reply, kw_only=True):
+    success: bool = True
+    cancelled: bool
 
 
 class ModelUnloadRequest(Request, kw_only=True):
@@ -87,6 +111,8 @@ class ModelLoading(Message, kw_only=True):
 class ModelLoaded(Message, kw_only=True):
     model_name: str
     adapter_path: str | None = None
+    adapter_file: str | None = None
+    load_time_seconds: float | None = None
     model_type: str | None = None
     memory_usage_gb: float | None = None
 

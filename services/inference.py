@@ -1,7 +1,354 @@
-"""The inference service."""
+"""The inference service: the loaded model (+ adapter), its generation queue, load/unload.
 
-from forgellm.services.base import Service
+* ``ModelLoadRequest`` answers at once; the model loads on the MLX worker thread while status
+  shows ``is_loading``; ``model.loading`` / ``model.loaded`` / ``model.error`` events tell the
+  rest (an error carries a suggestion and stays in status until the next load).
+* ``GenerateRequest`` runs on the same worker thread, one generation at a time in arrival order
+  (the event loop stays free: heartbeats, status and cancels are answered while a model
+  generates). A streaming request answers ``GenerateChunk`` frames then the final
+  ``GenerateReply``. ``GenerateCancelRequest`` stops a queued or running generation between two
+  tokens (the gateway sends it when its HTTP client goes away); it ends with
+  ``finish_reason="cancelled"`` and the log line ``generation_cancelled``.
+* ``ModelUnloadRequest`` cancels what is queued, drops every reference to the model, collects
+  and empties MLX's buffer cache; status then shows the memory MLX still holds.
+
+All MLX calls happen on ``MlxWorker``'s thread; this module itself never imports MLX at import
+time, so the service process starts fast and loads MLX (after OpenBLAS) on the first load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from forgellm.schemas import (
+    Envelope,
+    ErrorCode,
+    GenerateCancelReply,
+    GenerateCancelRequest,
+    GenerateChunk,
+    GenerateReply,
+    GenerateRequest,
+    ModelError,
+    ModelLoaded,
+    ModelLoading,
+    ModelLoadReply,
+    ModelLoadRequest,
+    ModelStatusReply,
+    ModelStatusRequest,
+    ModelUnloaded,
+    ModelUnloadReply,
+    ModelUnloadRequest,
+    Reply,
+)
+from forgellm.services.base import Service, handles
+from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.models import ModelRef, resolve_model
+from forgellm.services.common.workspace import Workspace
+from forgellm.services.generation.adapters import AdapterChoice, resolve_adapter
+from forgellm.services.generation.worker import MlxWorker
+
+if TYPE_CHECKING:
+    from forgellm.services.generation.engine import GenerationResult, LoadedModel
+
+log = structlog.get_logger("inference")
+
+
+def _engine() -> Any:
+    from forgellm.services.generation import engine  # imports MLX (after preload_blas)
+
+    return engine
+
+
+@dataclass(slots=True)
+class Job:
+    """One generate request, from arrival to its final frame."""
+
+    id: str
+    request: GenerateRequest
+    accepted_at: float
+    loop: asyncio.AbstractEventLoop
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    frames: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+
+    def emit(self, kind: str, value: Any) -> None:
+        """Hand a frame from the worker thread to the event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.frames.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: the service is gone
+            self.cancel.set()
 
 
 class InferenceService(Service):
     name = "inference"
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.workspace = Workspace(settings.home)
+        self.worker = MlxWorker("mlx-inference")
+        self.loaded: LoadedModel | None = None
+        self.loading: tuple[str, AdapterChoice | None] | None = None
+        self.load_error: str | None = None
+        self.jobs: dict[str, Job] = {}
+        self.completed = 0
+        self.cancelled = 0
+        self._next_id = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._mlx_ready = False
+
+    def state(self) -> str:
+        if self.loading is not None:
+            return "loading"
+        if any(job.started for job in self.jobs.values()):
+            return "generating"
+        return "running"
+
+    async def on_stop(self) -> None:
+        for job in self.jobs.values():
+            job.cancel.set()
+        await asyncio.to_thread(self.worker.shutdown)
+
+    # --- load / unload --------------------------------------------------------------------------
+
+    @handles(ModelLoadRequest)
+    async def load(self, request: ModelLoadRequest, header: Envelope) -> ModelLoadReply:
+        if self.loading is not None:
+            raise ForgeError(ErrorCode.MODEL_LOADING, f"{self.loading[0]} is loading",
+                             details={"model_name": self.loading[0]},
+                             suggestion="Wait until GET /api/model/status shows loaded, then load again.")
+        ref = resolve_model(request.model_name, self.workspace)
+        adapter = resolve_adapter(self.workspace, request.adapter_path) if request.adapter_path else None
+        self._cancel_all("model replaced")
+        self.loaded = None  # the worker frees it before loading the new one
+        self.loading = (request.model_name, adapter)
+        self.load_error = None
+        self.publish(ModelLoading(model_name=request.model_name, adapter_path=request.adapter_path),
+                     header.correlation_id)
+        task = asyncio.ensure_future(self._load(ref, request, adapter, header.correlation_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        message = "Model loading started"
+        if adapter is not None:
+            message += f" (adapter: {adapter.note})"
+        log.info("model_loading", model_name=request.model_name, path=str(ref.path),
+                 adapter=adapter.note if adapter else None)
+        return ModelLoadReply(message=message, model_name=request.model_name, adapter_path=request.adapter_path)
+
+    def _load_in_worker(self, ref: ModelRef, name: str, adapter: AdapterChoice | None) -> LoadedModel:
+        engine = _engine()
+        engine.release_memory()  # whatever an earlier model left behind
+        return engine.load(ref.path, name=name, adapter=adapter)
+
+    async def _load(self, ref: ModelRef, request: ModelLoadRequest, adapter: AdapterChoice | None,
+                    correlation_id: str) -> None:
+        structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
+        try:
+            loaded = await self.worker.run(self._load_in_worker, ref, request.model_name, adapter)
+        except Exception as exc:  # any failure must reach status and the bus, never kill the service
+            suggestion = exc.suggestion if isinstance(exc, ForgeError) else (
+                "Check the model folder (config.json, *.safetensors, tokenizer files); "
+                "'forgellm cli info --model NAME' shows what it is.")
+            self.loading = None
+            self.load_error = f"{request.model_name}: {exc}"
+            log.error("model_load_failed", model_name=request.model_name, error=str(exc),
+                      exc_info=not isinstance(exc, ForgeError))
+            self.publish(ModelError(model_name=request.model_name, error=str(exc), suggestion=suggestion),
+                         correlation_id)
+            return
+        self.loaded = loaded
+        self.loading = None
+        memory = await self._memory_gb()
+        log.info("model_loaded", model_name=loaded.name, model_type=loaded.model_type,
+                 seconds=round(loaded.load_seconds, 3), memory_gb=memory,
+                 adapter=adapter.note if adapter else None)
+        self.publish(ModelLoaded(
+            model_name=loaded.name, adapter_path=request.adapter_path,
+            adapter_file=self.workspace.relative(adapter.weights) if adapter else None,
+            model_type=loaded.model_type, memory_usage_gb=memory,
+            load_time_seconds=round(loaded.load_seconds, 3)), correlation_id)
+
+    @handles(ModelUnloadRequest)
+    async def unload(self, request: ModelUnloadRequest, header: Envelope) -> ModelUnloadReply:
+        if self.loading is not None:
+            raise ForgeError(ErrorCode.MODEL_LOADING, f"{self.loading[0]} is loading",
+                             suggestion="Wait until the load finishes (GET /api/model/status), then unload.")
+        if self.loaded is None:
+            return ModelUnloadReply(message="No model was loaded")
+        name = self.loaded.name
+        self._cancel_all("model unloaded")
+        self.loaded = None  # queued jobs hold the model until they end; they end before the release job
+        before, after = await self.worker.run(self._release_in_worker)
+        log.info("model_unloaded", model_name=name, memory_before_gb=round(before, 4), memory_after_gb=round(after, 4))
+        self.publish(ModelUnloaded(model_name=name), header.correlation_id)
+        return ModelUnloadReply(
+            message=f"Model unloaded successfully (MLX memory {before * 1024:.1f} MB -> {after * 1024:.1f} MB)")
+
+    def _release_in_worker(self) -> tuple[float, float]:
+        engine = _engine()
+        before = engine.active_memory_gb()
+        engine.release_memory()
+        return before, engine.active_memory_gb()
+
+    # --- status ---------------------------------------------------------------------------------
+
+    async def _memory_gb(self) -> float | None:
+        if not self._mlx_ready and self.loaded is None:
+            return 0.0  # MLX not even imported: it holds nothing
+        self._mlx_ready = True
+        # MLX's allocator counter (weights + KV caches + buffers), not process RSS: it is what a
+        # model really holds, and it drops when the model is unloaded. A counter read, no MLX work.
+        return round(_engine().active_memory_gb(), 6)
+
+    @handles(ModelStatusRequest)
+    async def status(self, request: ModelStatusRequest, header: Envelope) -> ModelStatusReply:
+        loaded, loading = self.loaded, self.loading
+        adapter = loaded.adapter if loaded else (loading[1] if loading else None)
+        return ModelStatusReply(
+            loaded=loaded is not None,
+            is_loading=loading is not None,
+            model_name=loaded.name if loaded else (loading[0] if loading else None),
+            adapter_path=adapter.requested if adapter else None,
+            adapter_file=self.workspace.relative(adapter.weights) if adapter else None,
+            adapter_note=adapter.note if adapter else None,
+            model_type=loaded.model_type if loaded else None,
+            memory_usage_gb=await self._memory_gb(),
+            error=self.load_error,
+            active_generations=sum(1 for job in self.jobs.values() if job.started),
+            queued_generations=sum(1 for job in self.jobs.values() if not job.started),
+            generations_completed=self.completed,
+            generations_cancelled=self.cancelled,
+        )
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def _require_model(self) -> LoadedModel:
+        if self.loading is not None:
+            raise ForgeError(ErrorCode.MODEL_LOADING, f"{self.loading[0]} is still loading",
+                             details={"model_name": self.loading[0]},
+                             suggestion="Wait until GET /api/model/status shows loaded: true.")
+        if self.loaded is None:
+            raise ForgeError(ErrorCode.MODEL_NOT_LOADED, "No model is loaded",
+                             details={"last_error": self.load_error} if self.load_error else {},
+                             suggestion='Load one first: POST /api/model/load {"model_name": "..."} '
+                                        "(GET /api/models lists them).")
+        return self.loaded
+
+    def _cancel_all(self, reason: str) -> None:
+        for job in self.jobs.values():
+            if not job.cancel.is_set():
+                log.info("generation_cancel_requested", generation_id=job.id, reason=reason)
+                job.cancel.set()
+
+    @handles(GenerateCancelRequest)
+    async def cancel(self, request: GenerateCancelRequest, header: Envelope) -> GenerateCancelReply:
+        job = self.jobs.get(request.generation_id)
+        if job is not None and not job.cancel.is_set():
+            log.info("generation_cancel_requested", generation_id=job.id, reason="client")
+            job.cancel.set()
+            return GenerateCancelReply(cancelled=True)
+        return GenerateCancelReply(cancelled=False)
+
+    @handles(GenerateRequest)
+    async def generate(self, request: GenerateRequest, header: Envelope) -> Reply | Any:
+        loaded = self._require_model()
+        if request.adapter is not None:
+            raise ForgeError(ErrorCode.NOT_IMPLEMENTED, "Per-request adapters are not supported yet",
+                             details={"field": "adapter"},
+                             suggestion="Load the adapter with the model: POST /api/model/load with adapter_path.")
+        self._next_id += 1
+        job_id = request.generation_id or f"{header.msg_id}-{self._next_id}"
+        if job_id in self.jobs:
+            raise ForgeError(ErrorCode.INVALID_REQUEST, "generation_id already in use",
+                             details={"field": "generation_id"})
+        job = Job(job_id, request, time.perf_counter(), asyncio.get_running_loop())
+        self.jobs[job_id] = job
+        task = asyncio.ensure_future(self.worker.run(self._generate_in_worker, job, loaded))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        del loaded  # only the job holds the model from here
+        if request.streaming:
+            return self._stream(job)
+        try:
+            while True:
+                kind, value = await job.frames.get()
+                if kind != "text":
+                    return self._final(job, kind, value)
+        finally:
+            self._finish(job)
+
+    async def _stream(self, job: Job):  # -> AsyncIterator[Reply]
+        index = 0
+        try:
+            while True:
+                kind, value = await job.frames.get()
+                if kind == "text":
+                    yield GenerateChunk(text=value, index=index)
+                    index += 1
+                else:
+                    yield self._final(job, kind, value)
+                    return
+        finally:
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.cancel.set()  # a consumer that went away stops the generation
+        self.jobs.pop(job.id, None)
+
+    def _final(self, job: Job, kind: str, value: Any) -> Reply:
+        if kind == "error":
+            return value.to_reply()
+        result: GenerationResult = value
+        if result.finish_reason == "cancelled":
+            self.cancelled += 1
+            log.info("generation_cancelled", generation_id=job.id, tokens_generated=result.tokens_generated,
+                     max_tokens=job.request.max_tokens)
+        else:
+            self.completed += 1
+            log.info("generation_done", generation_id=job.id, tokens=result.tokens_generated,
+                     tokens_per_second=round(result.tokens_per_second, 2),
+                     ttft_s=round(result.time_to_first_token, 4), finish_reason=result.finish_reason)
+        return GenerateReply(
+            response=result.text,
+            tokens_generated=result.tokens_generated,
+            generation_time_seconds=round(result.generation_time_seconds, 4),
+            tokens_per_second=round(result.tokens_per_second, 3),
+            time_to_first_token=round(result.time_to_first_token, 4),
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+        )
+
+    def _generate_in_worker(self, job: Job, loaded: LoadedModel) -> None:
+        """Runs on the MLX thread; every outcome reaches the job as a frame."""
+        engine = _engine()
+        request = job.request
+        try:
+            if job.cancel.is_set():
+                job.emit("done", engine.GenerationResult(
+                    text="", tokens_generated=0, prompt_tokens=0, generation_time_seconds=0.0,
+                    time_to_first_token=0.0, finish_reason="cancelled"))
+                return
+            job.started = True
+            tokens = engine.prompt_tokens(
+                loaded, request.prompt, [{"role": m.role, "content": m.content} for m in request.history],
+                is_base_model=request.is_base_model)
+            params = engine.SamplingParams(
+                max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                repetition_penalty=request.repetition_penalty, seed=request.seed, stop=tuple(request.stop))
+            on_text = (lambda text: job.emit("text", text)) if request.streaming else None
+            result = engine.generate(loaded, tokens, params, on_text=on_text, should_stop=job.cancel.is_set,
+                                     started_at=job.accepted_at)
+            job.emit("done", result)
+        except ForgeError as exc:
+            job.emit("error", exc)
+        except Exception as exc:  # a bug: report it on this request, keep the service alive
+            log.exception("generation_failed", generation_id=job.id)
+            job.emit("error", ForgeError(ErrorCode.INTERNAL, f"Generation failed: {type(exc).__name__}: {exc}",
+                                         suggestion="This is a bug; the inference log has the traceback."))
+        finally:
+            del loaded
