@@ -34,6 +34,7 @@ from forgellm.schemas import (
     GenerateChunk,
     GenerateReply,
     GenerateRequest,
+    Heartbeat,
     ModelError,
     ModelLoaded,
     ModelLoading,
@@ -109,6 +110,10 @@ class InferenceService(Service):
             return "generating"
         return "running"
 
+    def _state_changed(self) -> None:
+        """Heartbeat at once, so health shows loading/running without waiting for the next beat."""
+        self.publish(Heartbeat(service=self.name, state=self.state(), pid=self.pid, uptime_s=self.uptime()))
+
     async def on_stop(self) -> None:
         for job in self.jobs.values():
             job.cancel.set()
@@ -130,6 +135,7 @@ class InferenceService(Service):
         self.load_error = None
         self.publish(ModelLoading(model_name=request.model_name, adapter_path=request.adapter_path),
                      header.correlation_id)
+        self._state_changed()
         task = asyncio.ensure_future(self._load(ref, request, adapter, header.correlation_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -160,9 +166,11 @@ class InferenceService(Service):
                       exc_info=not isinstance(exc, ForgeError))
             self.publish(ModelError(model_name=request.model_name, error=str(exc), suggestion=suggestion),
                          correlation_id)
+            self._state_changed()
             return
         self.loaded = loaded
         self.loading = None
+        self._state_changed()
         memory = await self._memory_gb()
         log.info("model_loaded", model_name=loaded.name, model_type=loaded.model_type,
                  seconds=round(loaded.load_seconds, 3), memory_gb=memory,

@@ -1,4 +1,4 @@
-"""``forgellm cli …``: talk to models directly (``info`` now; ``generate`` with inference)."""
+"""``forgellm cli …``: talk to models directly: ``info`` (facts from the files), ``generate`` (in-process)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,55 @@ def info(model: str, adapter_path: str | None) -> None:
         if adapter.layers is not None:
             click.echo(f"  Layers: {adapter.layers}")
         click.echo(f"  Target Modules: {targets}")
+
+
+@cli_group.command()
+@click.option("--model", required=True, help="Hub id, models/base folder, published/<name> or a path.")
+@click.option("--adapter-path", default=None, help="A run folder (its best checkpoint) or one checkpoint file.")
+@click.option("--prompt", default=None, help="Answer this and exit; without it, an interactive chat.")
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.7, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(0.0, 10.0, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed the sampler (reproducible output).")
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+@click.option("--base-model", is_flag=True, help="Raw completion: no chat template.")
+def generate(model: str, adapter_path: str | None, prompt: str | None, max_tokens: int, temperature: float,
+             top_p: float, repetition_penalty: float, seed: int | None, system_prompt: str | None,
+             base_model: bool) -> None:
+    """Generate text with a model loaded in this process (no platform needed).
+
+    With --prompt: print the answer and exit. Without: a chat REPL that streams tokens and keeps
+    the conversation (/help, /q, /exit, /stats, /system [prompt], /clear).
+    """
+    from forgellm.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging("cli", "warning", settings.logging.format)
+    workspace = Workspace(settings.home)
+    try:
+        ref = resolve_model(model, workspace)
+        adapter = None
+        if adapter_path:
+            from forgellm.services.generation.adapters import resolve_adapter
+
+            adapter = resolve_adapter(workspace, adapter_path)
+    except ForgeError as exc:
+        raise _fail(exc) from None
+    from forgellm.cli import chat_repl
+    from forgellm.services.generation import engine  # imports MLX (after OpenBLAS)
+
+    if prompt is None:
+        click.echo(f"Loading {model}…", err=True)
+    try:
+        loaded = engine.load(ref.path, name=model, adapter=adapter)
+        params = engine.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                       repetition_penalty=repetition_penalty, seed=seed)
+        if prompt is not None:
+            chat_repl.single_shot(engine, loaded, prompt, params, system=system_prompt, is_base_model=base_model)
+        else:
+            chat_repl.repl(engine, loaded, params, system=system_prompt, is_base_model=base_model)
+    except ForgeError as exc:
+        hint = f"\n  {exc.suggestion}" if exc.suggestion else ""
+        raise click.ClickException(f"{exc}{hint}") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -72,18 +74,51 @@ def _run_gateway(settings, web_port: int, server_port: int) -> None:
     sys.exit(asyncio.run(run_gateway(settings, web_port=web_port, server_port=server_port)))
 
 
+def _preload(settings, model: str, adapter: str | None, wait_s: float = 60.0) -> None:
+    """Ask the inference service to load ``model`` once it answers (it may still be starting)."""
+    import structlog
+
+    from forgellm.bus import RpcClient
+    from forgellm.bus.errors import RemoteError, ServiceTimeout, ServiceUnavailable
+    from forgellm.schemas import ModelLoadRequest
+
+    log = structlog.get_logger("gateway")
+    client = RpcClient(bus_address(settings, "inference"), "inference", source="server",
+                       timeout_s=settings.timeouts.rpc_s)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                reply = client.request(ModelLoadRequest(model_name=model, adapter_path=adapter))
+                log.info("preload_started", model_name=model, adapter_path=adapter, message=reply.message)
+                return
+            except ServiceUnavailable:
+                if time.monotonic() > deadline:
+                    log.error("preload_failed", model_name=model, error="the inference service is not running")
+                    return
+                time.sleep(0.5)
+            except (RemoteError, ServiceTimeout) as exc:  # a load is never retried: it is not idempotent
+                log.error("preload_failed", model_name=model, error=str(exc),
+                          suggestion=getattr(exc, "suggestion", "") or exc.to_reply().suggestion)
+                return
+    finally:
+        client.close()
+
+
 @click.command()
 @click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 5001).")
-@click.option("--model", default=None, help="Model to load at start.")
+@click.option("--model", default=None, help="Model to load at start (sent to the inference service).")
 @click.option("--adapter", default=None, help="Adapter to apply to --model.")
 def server(host: str | None, port: int | None, model: str | None, adapter: str | None) -> None:
     """Serve the model-server API (expects the services started by 'forgellm start' or
-    'forgellm service …')."""
+    'forgellm service …'); with --model, have the inference service load it."""
     settings = _settings(host=host, server_port=port)
     configure_logging("gateway", settings.logging.level, settings.logging.format)
     if model:
-        raise click.ClickException("--model preloading arrives with the inference service")
+        threading.Thread(target=_preload, args=(settings, model, adapter), name="preload", daemon=True).start()
+    elif adapter:
+        raise click.ClickException("--adapter needs --model")
     _run_gateway(settings, web_port=0, server_port=settings.gateway.server_port)
 
 
