@@ -1,6 +1,6 @@
 """All ZeroMQ code lives here: the broker, event pub/sub and request/reply RPC."""
 
-from forgellm.bus.codec import DecodeError, decode_body, decode_header, encode, new_id
+from forgellm.bus.codec import DecodeError, decode, decode_header, encode, new_id
 from forgellm.bus.errors import BusError, RemoteError, ServiceTimeout, ServiceUnavailable
 from forgellm.bus.events import AsyncSubscriber, EventPublisher, EventRecord
 from forgellm.bus.rpc import AsyncRpcClient, RpcClient, RpcServer
@@ -17,7 +17,7 @@ __all__ = [
     "RpcServer",
     "ServiceTimeout",
     "ServiceUnavailable",
-    "decode_body",
+    "decode",
     "decode_header",
     "encode",
     "new_id",

@@ -1,8 +1,13 @@
 """Events: services publish to the broker's ``events_in``; anyone subscribes to ``events_out``.
 
-Frames are ``[topic, header, body]``. A publisher numbers its events per topic (``seq`` from 1)
-and stamps a per-process ``instance`` id, so a subscriber filtering by topic prefix can tell a
-lost event (a gap) from a publisher restart (a new instance).
+Frames are ``[topic, payload]`` (payload = the codec's ``[header, body]``). A publisher numbers
+its events per topic (``seq`` from 1) and stamps a per-process ``instance`` id, so a subscriber
+filtering by topic prefix can tell a lost event (a gap) from a publisher restart (a new
+instance).
+
+Loss is measured by subscribers, not publishers: a PUB socket at its HWM drops silently (it
+never raises ``zmq.Again``), so the exact count of lost events is the sum of the sequence gaps
+each subscriber sees (``AsyncSubscriber.missed``, ``EventRecord.missed``).
 """
 
 from __future__ import annotations
@@ -14,24 +19,27 @@ from dataclasses import dataclass
 
 import structlog
 import zmq
-import zmq.asyncio
 
-from forgellm.bus.codec import DecodeError, decode_body, decode_header, encode, new_id
+from forgellm.bus.codec import DecodeError, decode, encode, new_id
+from forgellm.bus.sockio import MORE_NOBLOCK, NOBLOCK, Readiness, plain_socket, recv_frames
 from forgellm.schemas import TOPICS, Envelope, Message
 
 log = structlog.get_logger("bus.events")
 
+_TOPIC_BYTES: dict[type, bytes] = {}
 
-def _sync_context(ctx: zmq.Context | None) -> zmq.Context:
-    if ctx is None:
-        return zmq.Context.instance()
-    # An asyncio context's sockets return futures; a shadow shares its I/O threads but sends
-    # synchronously, which PUB never blocks on (it drops at the HWM instead).
-    return zmq.Context.shadow(ctx.underlying) if isinstance(ctx, zmq.asyncio.Context) else ctx
+
+def _topic_bytes(cls: type) -> bytes:
+    topic = _TOPIC_BYTES[cls] = TOPICS[cls].encode()  # KeyError: not an event type
+    return topic
 
 
 class EventPublisher:
-    """Publishes events on the bus. Safe to call from any thread of the process."""
+    """Publishes events on the bus. Safe to call from any thread of the process.
+
+    Never blocks: at the HWM (no subscriber keeping up) ZeroMQ drops events silently, and
+    subscribers see the loss as sequence gaps.
+    """
 
     def __init__(
         self,
@@ -43,32 +51,34 @@ class EventPublisher:
     ) -> None:
         self.source = source
         self.instance = new_id()
-        self.dropped = 0
-        self._seq: dict[str, int] = {}
+        self._seq: dict[bytes, int] = {}
         self._lock = threading.Lock()
-        self._socket = _sync_context(ctx).socket(zmq.PUB)
+        # A plain (synchronous) socket even from an asyncio context: PUB never blocks.
+        self._socket = plain_socket(ctx if ctx is not None else zmq.Context.instance(), zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 500)
         self._socket.connect(address)
 
     def publish(self, event: Message, correlation_id: str = "") -> int:
         """Send ``event`` on its topic; returns its sequence number."""
-        topic = TOPICS[type(event)]
+        topic = _TOPIC_BYTES.get(type(event)) or _topic_bytes(type(event))
         with self._lock:
             seq = self._seq.get(topic, 0) + 1
             self._seq[topic] = seq
-            header = Envelope(
-                msg_id=new_id(),
-                correlation_id=correlation_id,
-                source=self.source,
-                instance=self.instance,
-                ts=time.time(),
-                seq=seq,
+            payload = encode(
+                Envelope(
+                    msg_id=new_id(),
+                    correlation_id=correlation_id,
+                    source=self.source,
+                    instance=self.instance,
+                    ts=time.time(),
+                    seq=seq,
+                ),
+                event,
             )
-            try:
-                self._socket.send_multipart([topic.encode(), *encode(header, event)], zmq.NOBLOCK)
-            except zmq.Again:
-                self.dropped += 1
+            send = self._socket.send
+            send(topic, MORE_NOBLOCK)
+            send(payload, NOBLOCK)
         return seq
 
     def close(self) -> None:
@@ -85,11 +95,16 @@ class EventRecord:
 
 
 class AsyncSubscriber:
-    """Receives events whose topic starts with one of ``topics`` ("" = everything)."""
+    """Receives events whose topic starts with one of ``topics`` ("" = everything).
+
+    ``recv`` reads without blocking while events are queued and waits on the event loop only
+    when the socket is empty, so a subscriber that keeps up costs one ``recv`` pair and one
+    decode per event.
+    """
 
     def __init__(
         self,
-        ctx: zmq.asyncio.Context,
+        ctx: zmq.Context,
         address: str,
         topics: Iterable[str] = ("",),
         *,
@@ -97,24 +112,29 @@ class AsyncSubscriber:
     ) -> None:
         self.missed = 0
         self._last: dict[tuple[str, str, str], int] = {}
-        self._socket = ctx.socket(zmq.SUB)
+        self._socket = plain_socket(ctx, zmq.SUB)
         self._socket.setsockopt(zmq.RCVHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._socket.connect(address)
+        self._ready = Readiness(self._socket)
 
     async def recv(self) -> EventRecord:
         """The next well-formed event; malformed frames are logged and skipped."""
+        sock = self._socket
         while True:
-            frames = await self._socket.recv_multipart()
-            if len(frames) != 3:
-                log.warning("event_dropped", reason="expected 3 frames", frames=len(frames))
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                await self._ready.readable()
+                continue
+            if len(frames) != 2:
+                log.warning("event_dropped", reason="expected 2 frames", frames=len(frames))
                 continue
             try:
                 topic = frames[0].decode()
-                header = decode_header(frames[1])
-                body = decode_body(frames[2])
+                header, body = decode(frames[1])
             except (DecodeError, UnicodeDecodeError) as exc:
                 log.warning("event_dropped", reason=str(exc))
                 continue
@@ -134,4 +154,5 @@ class AsyncSubscriber:
         return await self.recv()
 
     def close(self) -> None:
+        self._ready.close()
         self._socket.close(linger=0)

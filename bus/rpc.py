@@ -1,11 +1,16 @@
 """Request/reply over ROUTER (service) and DEALER (caller).
 
-Frames: caller → ``[header, body]``; the ROUTER adds the caller's identity. Each reply frame
-carries ``reply_to`` = the request's ``msg_id``; a streamed reply is several frames, all with
-``final=False`` except the last. Callers never hang: no connection → ``ServiceUnavailable``
-(the DEALER uses ``IMMEDIATE`` so nothing queues for an absent peer), no answer in time →
-``ServiceTimeout``; read-only requests are retried a bounded number of times first. A request
-carries its deadline, and a server drops one whose caller has already given up.
+Frames: caller → ``[payload]`` (the codec's ``[header, body]``); the ROUTER adds the caller's
+identity. Each reply payload's header carries ``reply_to`` = the request's ``msg_id``; a
+streamed reply is several messages, all with ``final=False`` except the last. Callers never
+hang: no connection → ``ServiceUnavailable`` (the DEALER uses ``IMMEDIATE`` so nothing queues
+for an absent peer), no answer in time → ``ServiceTimeout``; read-only requests are retried a
+bounded number of times first. A request carries its deadline, and a server drops one whose
+caller has already given up.
+
+The asyncio sides use plain sockets read from a loop reader callback (see ``sockio``): the
+callback drains every queued message with ``NOBLOCK``; a server starts one task per request, a
+client resolves the waiting request's future directly.
 """
 
 from __future__ import annotations
@@ -17,10 +22,22 @@ from typing import Union
 
 import structlog
 import zmq
-import zmq.asyncio
 
-from forgellm.bus.codec import DecodeError, decode_body, decode_header, encode, new_id
+from forgellm.bus.codec import DecodeError, decode, encode, new_id
 from forgellm.bus.errors import RemoteError, ServiceTimeout, ServiceUnavailable
+from forgellm.bus.sockio import (
+    DRAIN_BATCH,
+    EVENTS,
+    FD,
+    MORE_NOBLOCK,
+    NOBLOCK,
+    POLLIN,
+    POLLOUT,
+    attach_reader,
+    detach_reader,
+    plain_socket,
+    recv_frames,
+)
 from forgellm.schemas import Envelope, ErrorCode, ErrorReply, Reply, Request
 
 log = structlog.get_logger("bus.rpc")
@@ -35,69 +52,98 @@ def _configure(socket: zmq.Socket, hwm: int) -> None:
     socket.setsockopt(zmq.LINGER, 500)
 
 
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class RpcServer:
     """A service's command socket. ``serve`` runs each request as its own task."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, address: str, source: str, *, hwm: int = 10_000
+        self, ctx: zmq.Context, address: str, source: str, *, hwm: int = 10_000
     ) -> None:
         self.source = source
         self.address = address
         self.served = 0
         self.failed = 0
-        self._socket = ctx.socket(zmq.ROUTER)
+        self._socket = plain_socket(ctx, zmq.ROUTER)
         _configure(self._socket, hwm)
         # A caller that went away must not make send block or raise.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._socket.bind(address)
+        self._fd = self._socket.get(FD)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handler: Handler | None = None
+        self._draining = False
         self._inflight: set[asyncio.Task[None]] = set()
 
     async def serve(self, handler: Handler, stop: asyncio.Event) -> None:
         """Answer requests until ``stop`` is set, then finish the ones in hand."""
-        stop_waiter = asyncio.ensure_future(stop.wait())
+        self._handler = handler
+        attach_reader(self, asyncio.get_running_loop(), self._drain)
         try:
-            while not stop.is_set():
-                recv = asyncio.ensure_future(self._socket.recv_multipart())
-                done, _ = await asyncio.wait({recv, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if recv not in done:
-                    recv.cancel()
-                    break
-                self._accept(recv.result(), handler)
+            self._drain()  # whatever arrived before we started watching
+            await stop.wait()
         finally:
-            stop_waiter.cancel()
+            detach_reader(self)
+            self._handler = None
             if self._inflight:
                 await asyncio.wait(self._inflight)
 
+    def _drain(self) -> None:
+        """Reader callback: accept every queued request (a batch at a time)."""
+        handler, sock = self._handler, self._socket
+        if handler is None or sock.closed or self._draining:
+            return
+        self._draining = True
+        try:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    frames = recv_frames(sock)
+                except zmq.Again:
+                    return
+                self._accept(frames, handler)
+            if self._loop is not None:
+                self._loop.call_soon(self._drain)  # more may be queued; let the loop breathe
+        except zmq.ZMQError as exc:  # the socket was closed or the context terminated
+            log.warning("rpc_server_recv_failed", error=str(exc))
+        finally:
+            self._draining = False
+
     def _accept(self, frames: list[bytes], handler: Handler) -> None:
-        if len(frames) != 3:
-            log.warning("request_dropped", reason="expected 3 frames", frames=len(frames))
+        if len(frames) != 2:
+            log.warning("request_dropped", reason="expected 2 frames", frames=len(frames))
             return
-        identity, header_frame, body_frame = frames
+        identity, payload = frames
         try:
-            header = decode_header(header_frame)
+            header, body = decode(payload)
         except DecodeError as exc:
-            log.warning("request_dropped", reason=str(exc))
+            if exc.header is None:
+                log.warning("request_dropped", reason=str(exc))
+                return
+            header = exc.header
+            if not self._expired(header):
+                log.warning("request_rejected", reason=str(exc), msg_id=header.msg_id)
+                self._send(identity, header, ErrorReply(
+                    code=ErrorCode.INVALID_REQUEST, error=f"Unknown or malformed message: {exc}"))
             return
-        if header.deadline and time.time() > header.deadline:
-            log.info("request_expired", msg_id=header.msg_id, correlation_id=header.correlation_id)
-            return
-        try:
-            body = decode_body(body_frame)
-        except DecodeError as exc:
-            log.warning("request_rejected", reason=str(exc), msg_id=header.msg_id)
-            self._spawn(self._send(identity, header, ErrorReply(
-                code=ErrorCode.INVALID_REQUEST, error=f"Unknown or malformed message: {exc}")))
+        if self._expired(header):
             return
         if not isinstance(body, Request):
-            self._spawn(self._send(identity, header, ErrorReply(
-                code=ErrorCode.INVALID_REQUEST, error=f"{type(body).__name__} is not a request")))
+            self._send(identity, header, ErrorReply(
+                code=ErrorCode.INVALID_REQUEST, error=f"{type(body).__name__} is not a request"))
             return
-        self._spawn(self._run(identity, header, body, handler))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+        task = asyncio.ensure_future(self._run(identity, header, body, handler))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+
+    @staticmethod
+    def _expired(header: Envelope) -> bool:
+        if header.deadline and time.time() > header.deadline:
+            log.info("request_expired", msg_id=header.msg_id, correlation_id=header.correlation_id)
+            return True
+        return False
 
     async def _run(self, identity: bytes, header: Envelope, body: Request, handler: Handler) -> None:
         structlog.contextvars.bind_contextvars(correlation_id=header.correlation_id)
@@ -105,7 +151,7 @@ class RpcServer:
         try:
             result = await handler(header, body)
             if isinstance(result, Reply):
-                await self._send(identity, header, result)
+                self._send(identity, header, result)
             else:
                 await self._stream(identity, header, result)
             self.served += 1
@@ -116,7 +162,7 @@ class RpcServer:
         except Exception as exc:  # a bug in a handler must not take the service down
             self.failed += 1
             log.exception("handler_failed", request=type(body).__name__)
-            await self._send(identity, header, ErrorReply(
+            self._send(identity, header, ErrorReply(
                 code=ErrorCode.INTERNAL, error=f"{type(exc).__name__}: {exc}",
                 suggestion="This is a bug; the service log has the traceback."))
 
@@ -124,13 +170,13 @@ class RpcServer:
         previous: Reply | None = None
         async for reply in replies:
             if previous is not None:
-                await self._send(identity, header, previous, final=False)
+                self._send(identity, header, previous, final=False)
             previous = reply
         if previous is None:
             previous = ErrorReply(code=ErrorCode.INTERNAL, error="handler streamed nothing")
-        await self._send(identity, header, previous)
+        self._send(identity, header, previous)
 
-    async def _send(self, identity: bytes, request: Envelope, reply: Reply, *, final: bool = True) -> None:
+    def _send(self, identity: bytes, request: Envelope, reply: Reply, *, final: bool = True) -> None:
         header = Envelope(
             msg_id=new_id(),
             correlation_id=request.correlation_id,
@@ -138,9 +184,19 @@ class RpcServer:
             reply_to=request.msg_id,
             final=final,
         )
-        await self._socket.send_multipart([identity, *encode(header, reply)])
+        sock = self._socket
+        try:
+            # A ROUTER never blocks: it drops a message for a gone (or saturated) caller.
+            sock.send(identity, MORE_NOBLOCK)
+            sock.send(encode(header, reply), NOBLOCK)
+            # A send may have taken in the signal for newly arrived requests: look now.
+            if not self._draining and sock.get(EVENTS) & POLLIN:
+                self._drain()
+        except zmq.ZMQError as exc:
+            log.warning("reply_dropped", reason=str(exc), reply_to=request.msg_id)
 
     def close(self) -> None:
+        detach_reader(self)
         self._socket.close()
 
 
@@ -149,7 +205,7 @@ class AsyncRpcClient:
 
     def __init__(
         self,
-        ctx: zmq.asyncio.Context,
+        ctx: zmq.Context,
         address: str,
         service: str,
         *,
@@ -162,51 +218,85 @@ class AsyncRpcClient:
         self.source = source
         self.timeout_s = timeout_s
         self.read_retries = read_retries
-        self._socket = ctx.socket(zmq.DEALER)
+        self._socket = plain_socket(ctx, zmq.DEALER)
         _configure(self._socket, hwm)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._socket.connect(address)
-        self._pending: dict[str, asyncio.Queue[tuple[Envelope, Reply]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._fd = self._socket.get(FD)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        # msg_id -> the future of a request, or the queue of a stream
+        self._pending: dict[str, asyncio.Future[Reply] | asyncio.Queue[tuple[Envelope, Reply]]] = {}
 
-    async def _read_replies(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart()
-            if len(frames) != 2:
-                continue
-            try:
-                header = decode_header(frames[0])
-                body = decode_body(frames[1])
-            except DecodeError as exc:
-                log.warning("reply_dropped", reason=str(exc))
-                continue
-            queue = self._pending.get(header.reply_to)
-            if queue is not None:  # else: a late answer to a request we gave up on
-                queue.put_nowait((header, body))
+    def _drain(self) -> None:
+        """Reader callback: hand every queued reply to whoever waits for it."""
+        sock = self._socket
+        if sock.closed or self._draining:
+            return
+        self._draining = True
+        try:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    frames = recv_frames(sock)
+                except zmq.Again:
+                    return
+                if len(frames) != 1:
+                    log.warning("reply_dropped", reason="expected 1 frame", frames=len(frames))
+                    continue
+                try:
+                    header, body = decode(frames[0])
+                except DecodeError as exc:
+                    log.warning("reply_dropped", reason=str(exc))
+                    continue
+                waiter = self._pending.get(header.reply_to)
+                if waiter is None:
+                    continue  # a late answer to a request we gave up on
+                if isinstance(waiter, asyncio.Queue):
+                    waiter.put_nowait((header, body))
+                elif not waiter.done():
+                    waiter.set_result(body)
+            if self._loop is not None:
+                self._loop.call_soon(self._drain)
+        except zmq.ZMQError as exc:
+            log.warning("rpc_client_recv_failed", error=str(exc))
+        finally:
+            self._draining = False
 
     async def _send(self, msg_id: str, request: Request, correlation_id: str, timeout: float) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read_replies())
-        header = Envelope(
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            attach_reader(self, loop, self._drain)
+        payload = encode(Envelope(
             msg_id=msg_id,
             correlation_id=correlation_id,
             source=self.source,
             deadline=time.time() + timeout,
-        )
-        frames = encode(header, request)
+        ), request)
+        sock = self._socket
         try:
-            await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
-            return
+            sock.send(payload, NOBLOCK)
         except zmq.Again:
-            pass
-        # No connected peer yet: a fresh client may still be connecting, so wait a moment.
-        if await self._socket.poll(int(min(timeout, 1.0) * 1000), zmq.POLLOUT):
-            try:
-                await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
-        raise ServiceUnavailable(self.service)
+            # No connected peer yet: a fresh client may still be connecting, so wait a moment.
+            await self._send_when_connected(payload, loop.time() + min(timeout, 1.0))
+        # The send may have taken in the signal for replies that arrived meanwhile: look now.
+        if not self._draining and sock.get(EVENTS) & POLLIN:
+            self._drain()
+
+    async def _send_when_connected(self, payload: bytes, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        pause = 0.001
+        while True:
+            if self._socket.get(EVENTS) & POLLOUT:
+                try:
+                    self._socket.send(payload, NOBLOCK)
+                    return
+                except zmq.Again:
+                    pass
+            left = until - loop.time()
+            if left <= 0:
+                raise ServiceUnavailable(self.service)
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.02)
 
     async def request(
         self, request: Request, *, correlation_id: str = "", timeout: float | None = None
@@ -214,17 +304,23 @@ class AsyncRpcClient:
         """Send one request and return its reply; raises ``RemoteError`` for an ``ErrorReply``."""
         timeout = self.timeout_s if timeout is None else timeout
         tries = 1 + (self.read_retries if request.idempotent else 0)
+        loop = asyncio.get_running_loop()
         for _ in range(tries):
             msg_id = new_id()
-            queue: asyncio.Queue[tuple[Envelope, Reply]] = asyncio.Queue()
-            self._pending[msg_id] = queue
+            waiter: asyncio.Future[Reply] = loop.create_future()
+            self._pending[msg_id] = waiter
+            timer = None
             try:
                 await self._send(msg_id, request, correlation_id, timeout)
-                _, reply = await asyncio.wait_for(queue.get(), timeout)
+                if not waiter.done():
+                    timer = loop.call_later(timeout, _expire, waiter)
+                reply = await waiter
             except TimeoutError:
                 continue
             finally:
                 self._pending.pop(msg_id, None)
+                if timer is not None:
+                    timer.cancel()
             if isinstance(reply, ErrorReply):
                 raise RemoteError(reply)
             return reply
@@ -254,8 +350,7 @@ class AsyncRpcClient:
             self._pending.pop(msg_id, None)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        detach_reader(self)
         self._socket.close(linger=0)
 
 
@@ -276,7 +371,7 @@ class RpcClient:
         self.source = source
         self.timeout_s = timeout_s
         self.read_retries = read_retries
-        self._socket = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        self._socket = plain_socket(ctx or zmq.Context.instance(), zmq.DEALER)
         _configure(self._socket, 1000)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._socket.connect(address)
@@ -284,31 +379,41 @@ class RpcClient:
     def _send(self, msg_id: str, request: Request, correlation_id: str, timeout: float) -> None:
         header = Envelope(msg_id=msg_id, correlation_id=correlation_id, source=self.source,
                           deadline=time.time() + timeout)
-        frames = encode(header, request)
+        payload = encode(header, request)
+        try:
+            self._socket.send(payload, NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        # No connected peer yet: a fresh client may still be connecting, so wait a moment.
         if not self._socket.poll(int(min(timeout, 1.0) * 1000), zmq.POLLOUT):
             raise ServiceUnavailable(self.service)
         try:
-            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            self._socket.send(payload, NOBLOCK)
         except zmq.Again:
             raise ServiceUnavailable(self.service) from None
 
     def _receive(self, msg_id: str, deadline: float) -> tuple[Envelope, Reply] | None:
+        sock = self._socket
         while (left := deadline - time.monotonic()) > 0:
-            if not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+            sock.setsockopt(zmq.RCVTIMEO, int(left * 1000) + 1)
+            try:
+                frames = [sock.recv()]
+                while sock.get(zmq.RCVMORE):
+                    frames.append(sock.recv())
+            except zmq.Again:
                 return None
-            frames = self._socket.recv_multipart()
-            if len(frames) != 2:
+            if len(frames) != 1:
                 continue
             try:
-                header = decode_header(frames[0])
-            except DecodeError:
+                header, body = decode(frames[0])
+            except DecodeError as exc:
+                if exc.header is not None and exc.header.reply_to == msg_id:
+                    log.warning("reply_dropped", reason=str(exc))
                 continue
             if header.reply_to != msg_id:
                 continue  # a late answer to an earlier request
-            try:
-                return header, decode_body(frames[1])
-            except DecodeError as exc:
-                log.warning("reply_dropped", reason=str(exc))
+            return header, body
         return None
 
     def request(self, request: Request, *, correlation_id: str = "", timeout: float | None = None) -> Reply:

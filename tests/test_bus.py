@@ -19,7 +19,7 @@ from forgellm.bus import (
     RpcServer,
     ServiceTimeout,
     ServiceUnavailable,
-    decode_body,
+    decode,
     encode,
 )
 from forgellm.bus.broker import Broker
@@ -106,7 +106,7 @@ async def test_subscriber_reports_a_gap_but_not_a_restart(bus):
 
     def send(seq: int, instance: str) -> None:
         header = Envelope(msg_id=f"m{seq}", source="trainer", instance=instance, seq=seq)
-        raw.send_multipart([b"training.update", *encode(header, TrainingUpdate(training_id="t", iteration=seq))])
+        raw.send_multipart([b"training.update", encode(header, TrainingUpdate(training_id="t", iteration=seq))])
 
     deadline = time.monotonic() + 10
     while True:  # join: resend seq 1 until it arrives
@@ -128,6 +128,47 @@ async def test_subscriber_reports_a_gap_but_not_a_restart(bus):
     record = await asyncio.wait_for(subscriber.recv(), 5)
     assert (record.header.seq, record.missed) == (1, 0)
     assert subscriber.missed == 2
+    raw.close(linger=0)
+
+
+async def test_malformed_events_are_dropped_and_the_subscriber_keeps_reading(bus):
+    ctx, events_in, events_out = bus
+    subscriber = AsyncSubscriber(ctx, events_out, ("training.",))
+    raw = ctx.socket(zmq.PUB)
+    raw.connect(events_in)
+    good = [b"training.update", encode(Envelope(msg_id="g", source="t", instance="i", seq=1),
+                                       TrainingUpdate(training_id="t", iteration=1))]
+    deadline = time.monotonic() + 10
+    while True:  # join
+        raw.send_multipart(good)
+        try:
+            await asyncio.wait_for(subscriber.recv(), 0.05)
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline
+    await asyncio.sleep(0.1)
+    while True:  # drain the join probes still in flight
+        try:
+            await asyncio.wait_for(subscriber.recv(), 0.1)
+        except TimeoutError:
+            break
+    bad = [
+        [b"training.update"],                                            # no payload
+        [b"training.update", good[1], b"extra"],                        # too many frames
+        [b"training.update", b"\xc1 not msgpack"],                      # invalid msgpack
+        [b"training.update", msgspec.msgpack.encode({"a": 1})],          # not [header, body]
+        [b"training.update", msgspec.msgpack.encode(                    # unknown event type
+            (Envelope(msg_id="u", source="t", instance="i", seq=2), {"type": "NoSuchEvent"}))],
+        [b"training.\xff", good[1]],                                    # topic not UTF-8
+    ]
+    for frames in bad:
+        raw.send_multipart(frames)
+    last = [b"training.update", encode(Envelope(msg_id="l", source="t", instance="i", seq=3),
+                                       TrainingUpdate(training_id="t", iteration=3))]
+    raw.send_multipart(last)
+    record = await asyncio.wait_for(subscriber.recv(), 5)
+    assert (record.header.msg_id, record.body.iteration) == ("l", 3)
+    subscriber.close()
     raw.close(linger=0)
 
 
@@ -245,20 +286,26 @@ async def test_malformed_frames_are_dropped_and_the_server_keeps_answering(serve
     ctx, address, calls, _ = server
     raw = ctx.socket(zmq.DEALER)
     raw.connect(address)
-    await raw.send_multipart([b"\x00\xffgarbage"])                       # wrong frame count
-    await raw.send_multipart([b"not msgpack", b"x"])                      # bad header
+    header = msgspec.msgpack.encode(Envelope(msg_id="x0"))
+    ping = msgspec.msgpack.encode(PingRequest())
+    await raw.send_multipart([b"\x00\xffgarbage"])                       # not msgpack
+    await raw.send_multipart([header, ping])                              # old 2-frame layout
     await raw.send_multipart([b"a", b"b", b"c", b"d"])                    # too many frames
-    await raw.send_multipart([b"\xc1" * 10_000, b"\x00"])                 # invalid msgpack bytes
-    header = msgspec.msgpack.encode(Envelope(msg_id="x1"))
-    await raw.send_multipart([header, msgspec.msgpack.encode({"type": "NoSuchRequest", "a": 1})])
+    await raw.send_multipart([b"\xc1" * 10_000])                          # invalid msgpack bytes
+    await raw.send_multipart([msgspec.msgpack.encode({"not": "a header"})])  # not [header, body]
+    await raw.send_multipart([msgspec.msgpack.encode(([1, 2], {"type": "PingRequest"}))])  # bad header
+    await raw.send_multipart([msgspec.msgpack.encode(                     # unknown type, header ok
+        (Envelope(msg_id="x1"), {"type": "NoSuchRequest", "a": 1}))])
     reply_frames = await asyncio.wait_for(raw.recv_multipart(), 5)
-    reply = decode_body(reply_frames[1])
+    assert len(reply_frames) == 1
+    reply_header, reply = decode(reply_frames[0])
+    assert reply_header.reply_to == "x1"
     assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.INVALID_REQUEST
     assert "NoSuchRequest" in reply.error
     # an event is not a request either
-    await raw.send_multipart([msgspec.msgpack.encode(Envelope(msg_id="x2")),
-                              msgspec.msgpack.encode(Heartbeat(service="s", state="s", pid=1, uptime_s=0))])
-    reply = decode_body((await asyncio.wait_for(raw.recv_multipart(), 5))[1])
+    await raw.send_multipart([encode(Envelope(msg_id="x2"), Heartbeat(service="s", state="s", pid=1, uptime_s=0))])
+    reply_header, reply = decode((await asyncio.wait_for(raw.recv_multipart(), 5))[0])
+    assert reply_header.reply_to == "x2"
     assert isinstance(reply, ErrorReply) and "not a request" in reply.error
     client = AsyncRpcClient(ctx, address, "svc")
     assert isinstance(await client.request(PingRequest()), PingReply)
@@ -271,13 +318,13 @@ async def test_tolerant_reader_ignores_unknown_fields(server):
     ctx, address, calls, _ = server
     raw = ctx.socket(zmq.DEALER)
     raw.connect(address)
-    # The header is array-like (compact): a newer sender appends fields at its end.
+    # The header is array-like (compact): a newer sender appends fields at its end; the
+    # payload [header, body] may grow appended elements too.
     newer_header = list(msgspec.to_builtins(Envelope(msg_id="n1"))) + ["future header field"]
-    header = msgspec.msgpack.encode(newer_header)
-    body = msgspec.msgpack.encode({"type": "PingRequest", "added_in_v2": [1, 2]})
-    await raw.send_multipart([header, body])
-    reply = decode_body((await asyncio.wait_for(raw.recv_multipart(), 5))[1])
-    assert isinstance(reply, PingReply)
+    body = {"type": "PingRequest", "added_in_v2": [1, 2]}
+    await raw.send_multipart([msgspec.msgpack.encode([newer_header, body, "future payload field"])])
+    reply_header, reply = decode((await asyncio.wait_for(raw.recv_multipart(), 5))[0])
+    assert isinstance(reply, PingReply) and reply_header.reply_to == "n1"
     raw.close(linger=0)
 
 
@@ -285,7 +332,7 @@ async def test_a_request_whose_caller_gave_up_is_not_run(server):
     ctx, address, calls, _ = server
     raw = ctx.socket(zmq.DEALER)
     raw.connect(address)
-    await raw.send_multipart(encode(Envelope(msg_id="old", deadline=time.time() - 1), TrainingStopRequest()))
+    await raw.send_multipart([encode(Envelope(msg_id="old", deadline=time.time() - 1), TrainingStopRequest())])
     client = AsyncRpcClient(ctx, address, "svc")
     assert isinstance(await client.request(PingRequest()), PingReply)
     assert [type(request).__name__ for _, request in calls] == ["PingRequest"]
