@@ -4,7 +4,8 @@
    bare   pyzmq REQ -> REP, one msgspec-msgpack frame each way
    ours   ``AsyncRpcClient`` / blocking ``RpcClient`` -> a real service process
           (``forgellm service trainer``; ``--server minimal`` uses a bare ``Service`` subclass)
-2. Events/s, ~150-byte events (Heartbeat: topic + header + body), publisher -> subscriber process:
+2. Events/s, ~150-byte events (Heartbeat: topic frame + [header, body] payload frame), publisher ->
+   subscriber process:
    bare PUB -> SUB direct, bare PUB -> Broker -> SUB, ours ``EventPublisher`` -> ``Broker`` ->
    ``AsyncSubscriber``, and ours -> ``Broker`` -> a sync SUB running the same decode as
    ``AsyncSubscriber.recv`` (to isolate the asyncio cost). Delivered vs sent is counted.
@@ -239,8 +240,8 @@ def role_publisher(kind: str, address: str, count: str, hwm: str) -> None:
         from forgellm.schemas import Envelope
 
         header = Envelope(msg_id=new_id(), source="bench", instance=new_id(), seq=1)
-        frames = [MEASURED_TOPIC.encode(), *encode(header, _sample_event())]
-        warm_frames = [b"service.ready", b"", b""]
+        frames = [MEASURED_TOPIC.encode(), encode(header, _sample_event())]  # our layout
+        warm_frames = [b"service.ready", b""]
         if kind == "bare1":  # the same bytes in one frame
             frames = [b"".join(frames)]
             warm_frames = [b"service.ready"]
@@ -248,16 +249,18 @@ def role_publisher(kind: str, address: str, count: str, hwm: str) -> None:
         def send_warm() -> None:
             sock.send_multipart(warm_frames)
 
+        noblock, more_noblock = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
         if kind == "bare1":
             def send_n(n: int) -> None:
                 send, frame = sock.send, frames[0]
                 for _ in range(n):
-                    send(frame, zmq.NOBLOCK)
-        else:
+                    send(frame, noblock)
+        else:  # the fastest pyzmq way to send 2 frames: two send() calls with int flags
             def send_n(n: int) -> None:
-                send = sock.send_multipart
+                send, topic, payload = sock.send, frames[0], frames[1]
                 for _ in range(n):
-                    send(frames, zmq.NOBLOCK)
+                    send(topic, more_noblock)
+                    send(payload, noblock)
 
     import threading
 
@@ -269,8 +272,7 @@ def role_publisher(kind: str, address: str, count: str, hwm: str) -> None:
     t0 = time.perf_counter_ns()
     send_n(count_n)
     t1 = time.perf_counter_ns()
-    dropped = pub.dropped if kind == "ours" else 0
-    emit({"sent": count_n, "t_start": t0, "t_end": t1, "publisher_dropped_counter": dropped})
+    emit({"sent": count_n, "t_start": t0, "t_end": t1})
     wait_line("exit")
     if kind == "ours":
         pub.close()
@@ -279,62 +281,11 @@ def role_publisher(kind: str, address: str, count: str, hwm: str) -> None:
         ctx.term()
 
 
-def draining_subscriber_class():
-    """NOT our code: a sketch of the fix proposed in RESULTS.md, measured beside the real one.
-
-    ``AsyncSubscriber.recv`` pays pyzmq's asyncio machinery (a Future, a loop callback) per
-    event. This one reads with a synchronous shadow of the same socket while events are
-    queued and only awaits (``poll``) when the queue is empty; decode and gap tracking are
-    the same as ``AsyncSubscriber.recv``.
-    """
-    from forgellm.bus import AsyncSubscriber
-    from forgellm.bus.codec import DecodeError, decode_body, decode_header
-    from forgellm.bus.events import EventRecord
-
-    class DrainingSubscriber(AsyncSubscriber):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self._sync = zmq.Socket.shadow(self._socket.underlying)
-            self._more = int(zmq.RCVMORE)
-
-        def _recv_nowait(self) -> list[bytes]:
-            recv, sock = self._sync.recv, self._sync
-            frames = [recv(zmq.NOBLOCK)]
-            while sock.get(self._more):
-                frames.append(recv(zmq.NOBLOCK))
-            return frames
-
-        async def recv(self) -> EventRecord:
-            while True:
-                try:
-                    frames = self._recv_nowait()
-                except zmq.Again:
-                    await self._socket.poll(timeout=None, flags=zmq.POLLIN)
-                    continue
-                if len(frames) != 3:
-                    continue
-                try:
-                    topic = frames[0].decode()
-                    header = decode_header(frames[1])
-                    body = decode_body(frames[2])
-                except (DecodeError, UnicodeDecodeError):
-                    continue
-                key = (header.source, header.instance, topic)
-                last = self._last.get(key)
-                missed = header.seq - last - 1 if last is not None and header.seq > last else 0
-                self._last[key] = header.seq
-                if missed:
-                    self.missed += missed
-                return EventRecord(topic, header, body, missed)
-
-    return DrainingSubscriber
-
-
 def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: str) -> None:
     """Count measured events until ``expected`` arrived or nothing came for ``idle_s``.
 
     ``bare``: sync SUB, no decode. ``ours``: AsyncSubscriber. ``oursync``: sync SUB with the
-    same per-event work as AsyncSubscriber.recv (decode header+body, gap tracking).
+    same per-event work as AsyncSubscriber.recv (decode [header, body], gap tracking).
     """
     idle_ns = int(float(idle_s) * NS)
     expected_n, hwm_n = int(expected), int(hwm)
@@ -373,7 +324,7 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
         sock.close(0)
         ctx.term()
     elif kind in ("bare", "oursync"):
-        from forgellm.bus.codec import decode_body, decode_header
+        from forgellm.bus.codec import decode as decode_payload
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.SUB)
@@ -392,12 +343,15 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
         last_seq: dict = {}
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        recv = sock.recv_multipart
+        recv, get = sock.recv, sock.get
+        noblock, rcvmore = int(zmq.NOBLOCK), int(zmq.RCVMORE)
         idle_ms = int(idle_ns / 1e6)
         decode = kind == "oursync"
         while received < expected_n:
-            try:
-                frames = recv(zmq.NOBLOCK)
+            try:  # the fastest pyzmq way to read a multipart message: recv() + RCVMORE, int flags
+                frames = [recv(noblock)]
+                while get(rcvmore):
+                    frames.append(recv(noblock))
             except zmq.Again:
                 if not poller.poll(idle_ms):
                     break
@@ -406,8 +360,7 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
                 continue
             if decode:
                 topic = frames[0].decode()
-                header = decode_header(frames[1])
-                decode_body(frames[2])
+                header, _ = decode_payload(frames[1])
                 key = (header.source, header.instance, topic)
                 prev = last_seq.get(key)
                 gap = header.seq - prev - 1 if prev is not None and header.seq > prev else 0
@@ -426,8 +379,7 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
 
         async def main() -> dict:
             ctx = zmq.asyncio.Context()
-            cls = draining_subscriber_class() if kind == "oursdrain" else AsyncSubscriber
-            sub = cls(ctx, address, ("",), hwm=hwm_n)
+            sub = AsyncSubscriber(ctx, address, ("",), hwm=hwm_n)
             emit({"ready": True})
             await sub.recv()
             emit({"warm": True})
@@ -772,7 +724,6 @@ def run_events_case(name: str, pub_kind: str, sub_kind: str, via_broker: bool, a
         return {
             "name": name, "sent": sent["sent"], "received": got["received"],
             "lost": sent["sent"] - got["received"], "missed_by_seq": got["missed_by_seq"],
-            "publisher_dropped_counter": sent["publisher_dropped_counter"],
             "pub_per_s": sent["sent"] / elapsed_pub,
             "recv_per_s": got["received"] / elapsed_sub if elapsed_sub == elapsed_sub else 0.0,
             "e2e_per_s": got["received"] / elapsed_e2e if elapsed_e2e == elapsed_e2e else 0.0,
@@ -787,11 +738,10 @@ def run_events(args: argparse.Namespace) -> list[dict]:
     cases = [
         ("bare PUB -> SUB (direct, 1 frame, no decode)", "bare1", "bare1", False),
         ("bare PUB -> Broker -> SUB (1 frame, no decode)", "bare1", "bare1", True),
-        ("bare PUB -> SUB (direct, 3 frames, no decode)", "bare", "bare", False),
-        ("bare PUB -> Broker -> SUB (3 frames, no decode)", "bare", "bare", True),
+        ("bare PUB -> SUB (direct, 2 frames = our layout)", "bare", "bare", False),
+        ("bare PUB -> Broker -> SUB (2 frames = our layout)", "bare", "bare", True),
         ("ours EventPublisher -> Broker -> AsyncSubscriber", "ours", "ours", True),
         ("ours EventPublisher -> Broker -> sync SUB + our decode", "ours", "oursync", True),
-        ("sketch: EventPublisher -> Broker -> draining async sub", "ours", "oursdrain", True),
     ]
     rows = []
     try:
@@ -815,8 +765,7 @@ def print_events(rows: list[dict], args) -> None:
               f"{r['recv_per_s'] / base:>6.2f}")
     print("pub/s: publisher's send loop; recv/s: subscriber, first to last event; e2e/s: publisher's first "
           "send to subscriber's last receive. lost = sent - received (HWM drops); gaps = losses the "
-          "subscriber detected from seq numbers (ours). EventPublisher.dropped stayed "
-          f"{max(r['publisher_dropped_counter'] for r in rows)}.")
+          "subscriber detected from seq numbers (ours; exact: the only loss counter there is).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -825,7 +774,7 @@ def print_events(rows: list[dict], args) -> None:
 
 def run_codec(args: argparse.Namespace) -> list[dict]:
     from forgellm.bus import EventPublisher
-    from forgellm.bus.codec import decode_body, decode_header, encode, new_id
+    from forgellm.bus.codec import decode, encode, new_id
     from forgellm.schemas import Envelope
 
     event = _sample_event()
@@ -843,17 +792,14 @@ def run_codec(args: argparse.Namespace) -> list[dict]:
         rows.append({"name": label, "per_s": n * NS / dt, "ns": dt / n, "bytes": size})
 
     header = Envelope(msg_id=new_id(), source="trainer", instance=new_id(), ts=time.time(), seq=12345)
-    frames = encode(header, event)
-    size = sum(len(f) for f in frames) + len(MEASURED_TOPIC)
+    payload = encode(header, event)
+    size = len(payload) + len(MEASURED_TOPIC)
 
     def ours_roundtrip() -> None:
-        h, b = encode(header, event)
-        decode_header(h)
-        decode_body(b)
+        decode(encode(header, event))
 
     def ours_decode_only() -> None:
-        decode_header(frames[0])
-        decode_body(frames[1])
+        decode(payload)
 
     def ours_full_publish_side() -> None:  # what EventPublisher.publish builds per event
         h = Envelope(msg_id=new_id(), correlation_id="", source="trainer", instance="x" * 16,
@@ -878,7 +824,7 @@ def run_codec(args: argparse.Namespace) -> list[dict]:
         jdec_h.decode(jenc.encode(header))
         jdec_b.decode(jenc.encode(event))
 
-    timeit("ours msgpack encode+decode (header+body)", ours_roundtrip, size)
+    timeit("ours msgpack encode+decode ([header, body], 1 frame)", ours_roundtrip, size)
     timeit("ours msgpack decode only (subscriber side)", ours_decode_only, size)
     timeit("ours publisher side: new Envelope + new_id + encode", ours_full_publish_side, size)
     timeit("msgspec json encode+decode (typed)", msgspec_json_roundtrip,
@@ -890,20 +836,19 @@ def run_codec(args: argparse.Namespace) -> list[dict]:
     pub = EventPublisher(f"tcp://127.0.0.1:{free_port()}", "trainer", ctx=ctx)
     timeit("EventPublisher.publish() (no peer: all Python + zmq send)", lambda: pub.publish(event), size)
     pub.close()
-    # pyzmq's send_multipart vs three send() calls with a plain int flag (no peer, so no I/O)
+    # pyzmq's send_multipart vs two send() calls with a plain int flag (no peer, so no I/O)
     sock = ctx.socket(zmq.PUB)
     sock.bind(f"tcp://127.0.0.1:{free_port()}")
-    wire = [MEASURED_TOPIC.encode(), *frames]
+    wire = [MEASURED_TOPIC.encode(), payload]
     more = int(zmq.SNDMORE)
 
-    def three_sends() -> None:
+    def two_sends() -> None:
         send = sock.send
         send(wire[0], more)
-        send(wire[1], more)
-        send(wire[2])
+        send(wire[1])
 
-    timeit("pyzmq send_multipart(3 frames), no peer", lambda: sock.send_multipart(wire), size)
-    timeit("3 x send() with int(zmq.SNDMORE), no peer", three_sends, size)
+    timeit("pyzmq send_multipart(2 frames), no peer", lambda: sock.send_multipart(wire), size)
+    timeit("2 x send() with int(zmq.SNDMORE), no peer", two_sends, size)
     sock.close(0)
     ctx.term()
     return rows
