@@ -170,6 +170,8 @@ class Run:
             return ce.sum() / ntoks, ntoks
 
         self.loss_fn = loss_fn
+        if cfg.resume_from:  # before compiling: the compiled step captures the state objects
+            self.resume(Path(cfg.resume_from))
         value_and_grad = nn.value_and_grad(self.model, loss_fn)
         state = [self.model.state, self.optimizer.state, mx.random.state]
 
@@ -184,7 +186,6 @@ class Run:
     # --- checkpoints and resume -------------------------------------------------------------
 
     def save_checkpoint(self, val_loss: float | None) -> Path:
-        import mlx.core as mx
         from mlx.utils import tree_flatten
 
         it = self.iteration
@@ -193,16 +194,24 @@ class Run:
         ckpt.atomic_save_safetensors(ckpt.optimizer_file(self.run_dir, it), opt_state)
         ckpt.atomic_write_text(ckpt.state_file(self.run_dir, it), json.dumps({
             "iteration": it, "best_val": self.best_val, "bad_evals": self.bad_evals, "last_val": self.last_val,
-            "trained_tokens": self.trained_tokens, "rng": mx.random.state[0].tolist()}))
+            "trained_tokens": self.trained_tokens}))
         adapters = dict(tree_flatten(self.model.trainable_parameters()))
         path = ckpt.adapter_file(self.run_dir, it)
         ckpt.atomic_save_safetensors(path, adapters, {"iteration": str(it), "training_id": self.training_id})
         ckpt.atomic_save_safetensors(self.run_dir / "adapters.safetensors", adapters)  # mlx-lm's "latest"
         self.metrics.write("checkpoint", iteration=it, file=path.name, val_loss=val_loss)
+        self.reseed()
         self.events.publish(TrainingCheckpoint(training_id=self.training_id, iteration=it,
                                                path=str(path), validation_loss=val_loss))
         self.last_checkpoint = it
         return path
+
+    def reseed(self) -> None:
+        """Random streams (dropout) restart from a known seed at every checkpoint, so a run
+        resumed from checkpoint N draws exactly what the uninterrupted run drew after N."""
+        import mlx.core as mx
+
+        mx.random.seed(self.config.seed * 7919 + self.iteration)
 
     def resume(self, source: Path) -> None:
         import mlx.core as mx
@@ -223,9 +232,8 @@ class Run:
         self.bad_evals = state.get("bad_evals", 0)
         self.last_val = state.get("last_val")
         self.trained_tokens = state.get("trained_tokens", 0)
-        if state.get("rng") is not None:
-            mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
         self.iteration = iteration
+        self.reseed()
         self.last_checkpoint = iteration
         self.metrics.write("resume", iteration=iteration, source=str(source))
         log.info("resumed", iteration=iteration, source=str(source))
@@ -259,8 +267,6 @@ class Run:
         self.phase("preparing data")
         self.prepare_data()
         self.build_step()
-        if cfg.resume_from:
-            self.resume(Path(cfg.resume_from))
         self.metrics.write("start", iteration=self.iteration, train_rows=len(self.train),
                            valid_rows=len(self.valid))
         window_tokens, window_started, window_losses = 0, time.perf_counter(), []
