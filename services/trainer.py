@@ -9,7 +9,6 @@ checkpoint. The service learns the run's progress from the worker's own events o
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import msgspec
 import structlog
 
 from forgellm.bus import AsyncSubscriber
@@ -42,11 +40,10 @@ from forgellm.schemas import (
 )
 from forgellm.services.base import Service, handles
 from forgellm.services.common.errors import ForgeError
-from forgellm.services.common.models import resolve_model
 from forgellm.services.common.process import die_with_parent
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.training import checkpoints as ckpt
-from forgellm.services.training.validate import check_dataset, resolve_dataset, run_name, training_id
+from forgellm.services.training.runs import prepare_run
 
 log = structlog.get_logger("trainer")
 
@@ -129,54 +126,10 @@ class TrainerService(Service):
 
     # --- start ---------------------------------------------------------------------------------
 
-    def _prepare(self, request: TrainingStartRequest) -> tuple[ActiveRun, dict]:
-        ws = self.workspace
-        model = resolve_model(request.model_name, ws)
-        dataset = resolve_dataset(ws, request.dataset)
-        check_dataset(dataset, request.training_type)
-        general = None
-        if request.general_dataset:
-            general = resolve_dataset(ws, request.general_dataset, field="general_dataset")
-            check_dataset(general, "cpt")
-        elif request.data_mixture_ratio < 1.0:
-            raise ForgeError(ErrorCode.INVALID_REQUEST,
-                             "data_mixture_ratio < 1 needs general_dataset (self-synthesized replay is not "
-                             "available yet)", details={"field": "general_dataset"},
-                             suggestion="Name a general-text dataset, or set data_mixture_ratio to 1.")
-        now = datetime.now()
-        if request.resume_from:
-            source = ws.resolve(request.resume_from, field="resume_from")
-            run_dir = source if source.is_dir() else source.parent
-            if not (run_dir / "training_config.json").is_file():
-                raise ForgeError(ErrorCode.RUN_NOT_FOUND, f"No run at {request.resume_from}",
-                                 details={"field": "resume_from"})
-            if source.is_file():
-                ckpt.checkpoint_iteration(source)
-            elif ckpt.latest_checkpoint(run_dir) is None:
-                raise ForgeError(ErrorCode.CHECKPOINT_NOT_FOUND, f"No checkpoint in {request.resume_from}",
-                                 details={"field": "resume_from"})
-            request.resume_from = str(source)
-            previous = json.loads((run_dir / "training_config.json").read_text())
-            tid = previous.get("training_id") or training_id(request, now)
-        else:
-            kind_dir = ws.runs_of(request.training_type)
-            kind_dir.mkdir(parents=True, exist_ok=True)
-            name = run_name(request, model.path, now)
-            run_dir, n = kind_dir / name, 2
-            while run_dir.exists():
-                run_dir, n = kind_dir / f"{name}_{n}", n + 1
-            run_dir.mkdir()
-            tid = training_id(request, now)
-        output_dir = ws.relative(run_dir)
-        config = {**msgspec.to_builtins(request), "training_id": tid, "model_path": str(model.path),
-                  "dataset_path": str(dataset), "general_dataset_path": str(general) if general else None,
-                  "output_dir": output_dir, "created_at": now.isoformat(timespec="seconds")}
-        config.pop("type", None)
-        ckpt.atomic_write_text(run_dir / "training_config.json", json.dumps(config, indent=2))
-        ws.state_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(ws.state_dir / "current_run", output_dir)
-        run = ActiveRun(tid, request.training_type, run_dir, output_dir, request.max_iterations)
-        return run, config
+    def _prepare(self, request: TrainingStartRequest) -> ActiveRun:
+        prepared = prepare_run(self.workspace, request)
+        return ActiveRun(prepared.training_id, request.training_type, prepared.run_dir, prepared.output_dir,
+                         request.max_iterations)
 
     async def _launch(self, run: ActiveRun, resume_from: str | None = None) -> None:
         argv = [sys.executable, "-m", "forgellm.services.training.worker", str(run.run_dir)]
@@ -196,7 +149,7 @@ class TrainerService(Service):
                              details={"training_id": self.active.training_id},
                              suggestion="Stop it with POST /api/training/stop, or wait for it to finish.")
         self.active = None
-        run, config = await asyncio.to_thread(self._prepare, request)
+        run = await asyncio.to_thread(self._prepare, request)
         if self.is_training():  # another start won the race while we were preparing
             raise ForgeError(ErrorCode.TRAINING_ALREADY_RUNNING, "Training is already running")
         self.active = run
