@@ -237,14 +237,16 @@ def role_publisher(kind: str, address: str, count: str, hwm: str) -> None:
         sock.setsockopt(zmq.SNDHWM, hwm_n)
         sock.connect(address)
         from forgellm.bus.codec import encode, new_id
+        from forgellm.bus.events import event_frame
         from forgellm.schemas import Envelope
 
         header = Envelope(msg_id=new_id(), source="bench", instance=new_id(), seq=1)
-        frames = [MEASURED_TOPIC.encode(), encode(header, _sample_event())]  # our layout
+        payload = encode(header, _sample_event())
+        frames = [MEASURED_TOPIC.encode(), payload]  # 2 frames: topic, payload
         warm_frames = [b"service.ready", b""]
-        if kind == "bare1":  # the same bytes in one frame
-            frames = [b"".join(frames)]
-            warm_frames = [b"service.ready"]
+        if kind == "bare1":  # our layout: the same bytes in one frame, topic \0 payload
+            frames = [event_frame(MEASURED_TOPIC, payload)]
+            warm_frames = [b"service.ready\0"]
 
         def send_warm() -> None:
             sock.send_multipart(warm_frames)
@@ -284,14 +286,20 @@ def role_publisher(kind: str, address: str, count: str, hwm: str) -> None:
 def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: str) -> None:
     """Count measured events until ``expected`` arrived or nothing came for ``idle_s``.
 
-    ``bare``: sync SUB, no decode. ``ours``: AsyncSubscriber. ``oursync``: sync SUB with the
-    same per-event work as AsyncSubscriber.recv (decode [header, body], gap tracking).
+    ``bare1``/``bare``: sync SUB, 1 or 2 frames per event, no decode. ``ours``: AsyncSubscriber.
+    ``oursync``: sync SUB with the same per-event work as AsyncSubscriber.recv (split the topic,
+    decode [header, body], gap tracking).
     """
     idle_ns = int(float(idle_s) * NS)
     expected_n, hwm_n = int(expected), int(hwm)
     topic_b = MEASURED_TOPIC.encode()
     result: dict = {}
-    if kind == "bare1":
+    if kind in ("bare1", "oursync"):
+        from forgellm.bus.codec import decode as decode_payload
+
+        decode = kind == "oursync"
+        last_seq: dict = {}
+        missed = 0
         ctx = zmq.Context()
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, hwm_n)
@@ -316,16 +324,23 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
                 continue
             if not frame.startswith(topic_b):
                 continue
+            if decode:
+                cut = frame.find(b"\0")
+                topic = frame[:cut].decode()
+                header, _ = decode_payload(memoryview(frame)[cut + 1:])
+                key = (header.source, header.instance, topic)
+                prev = last_seq.get(key)
+                gap = header.seq - prev - 1 if prev is not None and header.seq > prev else 0
+                last_seq[key] = header.seq
+                missed += gap
             received += 1
             last = time.perf_counter_ns()
             if received == 1:
                 first = last
-        result = {"received": received, "t_first": first, "t_last": last, "missed_by_seq": 0}
+        result = {"received": received, "t_first": first, "t_last": last, "missed_by_seq": missed}
         sock.close(0)
         ctx.term()
-    elif kind in ("bare", "oursync"):
-        from forgellm.bus.codec import decode as decode_payload
-
+    elif kind == "bare":
         ctx = zmq.Context()
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, hwm_n)
@@ -338,15 +353,13 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
         # warm-up: wait for the first warm event, tell the parent
         sock.recv_multipart()
         emit({"warm": True})
-        received = missed = 0
+        received = 0
         first = last = 0
-        last_seq: dict = {}
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         recv, get = sock.recv, sock.get
         noblock, rcvmore = int(zmq.NOBLOCK), int(zmq.RCVMORE)
         idle_ms = int(idle_ns / 1e6)
-        decode = kind == "oursync"
         while received < expected_n:
             try:  # the fastest pyzmq way to read a multipart message: recv() + RCVMORE, int flags
                 frames = [recv(noblock)]
@@ -358,19 +371,11 @@ def role_subscriber(kind: str, address: str, idle_s: str, expected: str, hwm: st
                 continue
             if frames[0] != topic_b:
                 continue
-            if decode:
-                topic = frames[0].decode()
-                header, _ = decode_payload(frames[1])
-                key = (header.source, header.instance, topic)
-                prev = last_seq.get(key)
-                gap = header.seq - prev - 1 if prev is not None and header.seq > prev else 0
-                last_seq[key] = header.seq
-                missed += gap
             received += 1
             last = time.perf_counter_ns()
             if received == 1:
                 first = last
-        result = {"received": received, "t_first": first, "t_last": last, "missed_by_seq": missed}
+        result = {"received": received, "t_first": first, "t_last": last, "missed_by_seq": 0}
         sock.close(0)
         ctx.term()
     else:
@@ -736,10 +741,10 @@ def run_events_case(name: str, pub_kind: str, sub_kind: str, via_broker: bool, a
 def run_events(args: argparse.Namespace) -> list[dict]:
     run_dir = Path(tempfile.mkdtemp(prefix="fbench-ev-"))
     cases = [
-        ("bare PUB -> SUB (direct, 1 frame, no decode)", "bare1", "bare1", False),
-        ("bare PUB -> Broker -> SUB (1 frame, no decode)", "bare1", "bare1", True),
-        ("bare PUB -> SUB (direct, 2 frames = our layout)", "bare", "bare", False),
-        ("bare PUB -> Broker -> SUB (2 frames = our layout)", "bare", "bare", True),
+        ("bare PUB -> SUB (direct, 1 frame = our layout)", "bare1", "bare1", False),
+        ("bare PUB -> Broker -> SUB (1 frame = our layout)", "bare1", "bare1", True),
+        ("bare PUB -> SUB (direct, 2 frames: topic, payload)", "bare", "bare", False),
+        ("bare PUB -> Broker -> SUB (2 frames: topic, payload)", "bare", "bare", True),
         ("ours EventPublisher -> Broker -> AsyncSubscriber", "ours", "ours", True),
         ("ours EventPublisher -> Broker -> sync SUB + our decode", "ours", "oursync", True),
     ]
@@ -793,7 +798,7 @@ def run_codec(args: argparse.Namespace) -> list[dict]:
 
     header = Envelope(msg_id=new_id(), source="trainer", instance=new_id(), ts=time.time(), seq=12345)
     payload = encode(header, event)
-    size = len(payload) + len(MEASURED_TOPIC)
+    size = len(payload) + len(MEASURED_TOPIC) + 1  # topic \0 payload
 
     def ours_roundtrip() -> None:
         decode(encode(header, event))
@@ -849,6 +854,9 @@ def run_codec(args: argparse.Namespace) -> list[dict]:
 
     timeit("pyzmq send_multipart(2 frames), no peer", lambda: sock.send_multipart(wire), size)
     timeit("2 x send() with int(zmq.SNDMORE), no peer", two_sends, size)
+    one = MEASURED_TOPIC.encode() + b"\0" + payload
+    noblock = int(zmq.NOBLOCK)
+    timeit("1 x send() of topic\\0payload (our layout), no peer", lambda: sock.send(one, noblock), size)
     sock.close(0)
     ctx.term()
     return rows

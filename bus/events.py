@@ -1,9 +1,16 @@
 """Events: services publish to the broker's ``events_in``; anyone subscribes to ``events_out``.
 
-Frames are ``[topic, payload]`` (payload = the codec's ``[header, body]``). A publisher numbers
-its events per topic (``seq`` from 1) and stamps a per-process ``instance`` id, so a subscriber
-filtering by topic prefix can tell a lost event (a gap) from a publisher restart (a new
-instance).
+An event is ONE frame: ``topic + b"\\0" + payload`` (payload = the codec's ``[header, body]``).
+ZeroMQ filters subscriptions on the leading bytes of the first frame, so topic prefixes work as
+with a separate topic frame, but a subscriber reads one frame per event: reading a second frame
+and asking ``RCVMORE`` twice cost more than the whole decode (bench/RESULTS.md: a bare 2-frame
+PUB/SUB pair tops out near 300k/s here, one frame near 900k/s). A frame without the separator,
+with an unknown topic or a bad payload is logged and dropped; so is each frame of a multipart
+message from a foreign sender (each must stand on its own as an event on a subscribed topic).
+
+A publisher numbers its events per topic (``seq`` from 1) and stamps a per-process
+``instance`` id, so a subscriber filtering by topic prefix can tell a lost event (a gap) from a
+publisher restart (a new instance).
 
 Loss is measured by subscribers, not publishers: a PUB socket at its HWM drops silently (it
 never raises ``zmq.Again``), so the exact count of lost events is the sum of the sequence gaps
@@ -21,17 +28,26 @@ import structlog
 import zmq
 
 from forgellm.bus.codec import DecodeError, decode, encode, new_id
-from forgellm.bus.sockio import MORE_NOBLOCK, NOBLOCK, Readiness, plain_socket, recv_frames
+from forgellm.bus.sockio import NOBLOCK, Readiness, plain_socket
 from forgellm.schemas import TOPICS, Envelope, Message
 
 log = structlog.get_logger("bus.events")
 
-_TOPIC_BYTES: dict[type, bytes] = {}
+SEPARATOR = b"\0"  # between the topic and the payload; never in a topic
+_TOPIC_PREFIX: dict[type, bytes] = {}  # event type -> topic + SEPARATOR
 
 
-def _topic_bytes(cls: type) -> bytes:
-    topic = _TOPIC_BYTES[cls] = TOPICS[cls].encode()  # KeyError: not an event type
-    return topic
+def _topic_prefix(cls: type) -> bytes:
+    topic = TOPICS[cls]  # KeyError: not an event type
+    if SEPARATOR.decode() in topic:
+        raise ValueError(f"topic {topic!r} contains the separator")
+    prefix = _TOPIC_PREFIX[cls] = topic.encode() + SEPARATOR
+    return prefix
+
+
+def event_frame(topic: str, payload: bytes) -> bytes:
+    """The wire frame of an event (for tools and tests that publish without ``EventPublisher``)."""
+    return topic.encode() + SEPARATOR + payload
 
 
 class EventPublisher:
@@ -51,7 +67,7 @@ class EventPublisher:
     ) -> None:
         self.source = source
         self.instance = new_id()
-        self._seq: dict[bytes, int] = {}
+        self._seq: dict[type, int] = {}
         self._lock = threading.Lock()
         # A plain (synchronous) socket even from an asyncio context: PUB never blocks.
         self._socket = plain_socket(ctx if ctx is not None else zmq.Context.instance(), zmq.PUB)
@@ -61,10 +77,11 @@ class EventPublisher:
 
     def publish(self, event: Message, correlation_id: str = "") -> int:
         """Send ``event`` on its topic; returns its sequence number."""
-        topic = _TOPIC_BYTES.get(type(event)) or _topic_bytes(type(event))
+        cls = type(event)
+        prefix = _TOPIC_PREFIX.get(cls) or _topic_prefix(cls)
         with self._lock:
-            seq = self._seq.get(topic, 0) + 1
-            self._seq[topic] = seq
+            seq = self._seq.get(cls, 0) + 1  # one type = one topic
+            self._seq[cls] = seq
             payload = encode(
                 Envelope(
                     msg_id=new_id(),
@@ -76,9 +93,7 @@ class EventPublisher:
                 ),
                 event,
             )
-            send = self._socket.send
-            send(topic, MORE_NOBLOCK)
-            send(payload, NOBLOCK)
+            self._socket.send(prefix + payload, NOBLOCK)
         return seq
 
     def close(self) -> None:
@@ -98,8 +113,8 @@ class AsyncSubscriber:
     """Receives events whose topic starts with one of ``topics`` ("" = everything).
 
     ``recv`` reads without blocking while events are queued and waits on the event loop only
-    when the socket is empty, so a subscriber that keeps up costs one ``recv`` pair and one
-    decode per event.
+    when the socket is empty, so a subscriber that keeps up costs one ``recv`` and one decode
+    per event.
     """
 
     def __init__(
@@ -111,32 +126,34 @@ class AsyncSubscriber:
         hwm: int = 100_000,
     ) -> None:
         self.missed = 0
+        self._topics = tuple(topics)
+        self._names: dict[bytes, str] = {}  # topic bytes -> str, for the topics seen
         self._last: dict[tuple[str, str, str], int] = {}
         self._socket = plain_socket(ctx, zmq.SUB)
         self._socket.setsockopt(zmq.RCVHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
-        for topic in topics:
+        for topic in self._topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._socket.connect(address)
         self._ready = Readiness(self._socket)
 
     async def recv(self) -> EventRecord:
         """The next well-formed event; malformed frames are logged and skipped."""
-        sock = self._socket
+        recv, names = self._socket.recv, self._names
         while True:
             try:
-                frames = recv_frames(sock)
+                frame = recv(NOBLOCK)
             except zmq.Again:
                 await self._ready.readable()
                 continue
-            if len(frames) != 2:
-                log.warning("event_dropped", reason="expected 2 frames", frames=len(frames))
-                continue
+            cut = frame.find(SEPARATOR)
+            topic = names.get(frame[:cut]) if cut > 0 else None
             try:
-                topic = frames[0].decode()
-                header, body = decode(frames[1])
-            except (DecodeError, UnicodeDecodeError) as exc:
-                log.warning("event_dropped", reason=str(exc))
+                if topic is None:
+                    topic = self._topic_name(frame, cut)
+                header, body = decode(memoryview(frame)[cut + 1:])
+            except (DecodeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                log.warning("event_dropped", reason=str(exc), size=len(frame))
                 continue
             key = (header.source, header.instance, topic)
             last = self._last.get(key)
@@ -146,6 +163,16 @@ class AsyncSubscriber:
                 self.missed += missed
                 log.warning("events_missed", topic=topic, source=header.source, count=missed)
             return EventRecord(topic, header, body, missed)
+
+    def _topic_name(self, frame: bytes, cut: int) -> str:
+        if cut <= 0:
+            raise ValueError("no topic separator")
+        topic = frame[:cut].decode()
+        if not topic.startswith(self._topics):
+            raise ValueError(f"topic {topic[:64]!r} not subscribed")
+        if len(self._names) < 1024:
+            self._names[frame[:cut]] = topic
+        return topic
 
     def __aiter__(self) -> AsyncIterator[EventRecord]:
         return self

@@ -23,6 +23,7 @@ from forgellm.bus import (
     encode,
 )
 from forgellm.bus.broker import Broker
+from forgellm.bus.events import event_frame
 from forgellm.schemas import (
     Envelope,
     ErrorCode,
@@ -106,7 +107,7 @@ async def test_subscriber_reports_a_gap_but_not_a_restart(bus):
 
     def send(seq: int, instance: str) -> None:
         header = Envelope(msg_id=f"m{seq}", source="trainer", instance=instance, seq=seq)
-        raw.send_multipart([b"training.update", encode(header, TrainingUpdate(training_id="t", iteration=seq))])
+        raw.send(event_frame("training.update", encode(header, TrainingUpdate(training_id="t", iteration=seq))))
 
     deadline = time.monotonic() + 10
     while True:  # join: resend seq 1 until it arrives
@@ -136,8 +137,9 @@ async def test_malformed_events_are_dropped_and_the_subscriber_keeps_reading(bus
     subscriber = AsyncSubscriber(ctx, events_out, ("training.",))
     raw = ctx.socket(zmq.PUB)
     raw.connect(events_in)
-    good = [b"training.update", encode(Envelope(msg_id="g", source="t", instance="i", seq=1),
-                                       TrainingUpdate(training_id="t", iteration=1))]
+    payload = encode(Envelope(msg_id="g", source="t", instance="i", seq=1),
+                     TrainingUpdate(training_id="t", iteration=1))
+    good = [event_frame("training.update", payload)]
     deadline = time.monotonic() + 10
     while True:  # join
         raw.send_multipart(good)
@@ -153,18 +155,20 @@ async def test_malformed_events_are_dropped_and_the_subscriber_keeps_reading(bus
         except TimeoutError:
             break
     bad = [
-        [b"training.update"],                                            # no payload
-        [b"training.update", good[1], b"extra"],                        # too many frames
-        [b"training.update", b"\xc1 not msgpack"],                      # invalid msgpack
-        [b"training.update", msgspec.msgpack.encode({"a": 1})],          # not [header, body]
-        [b"training.update", msgspec.msgpack.encode(                    # unknown event type
-            (Envelope(msg_id="u", source="t", instance="i", seq=2), {"type": "NoSuchEvent"}))],
-        [b"training.\xff", good[1]],                                    # topic not UTF-8
+        [b"training.update"],                                             # no separator
+        [b"training.update\0"],                                          # no payload
+        [b"training.update", payload],                                    # old 2-frame layout
+        [b"training.update\0\xc1 not msgpack"],                           # invalid msgpack
+        [event_frame("training.update", msgspec.msgpack.encode({"a": 1}))],  # not [header, body]
+        [event_frame("training.update", msgspec.msgpack.encode(           # unknown event type
+            (Envelope(msg_id="u", source="t", instance="i", seq=2), {"type": "NoSuchEvent"})))],
+        [b"training.\xff\0" + payload],                                   # topic not UTF-8
+        [b"training.x", event_frame("service.heartbeat", payload)],      # tail frame, unsubscribed topic
     ]
     for frames in bad:
         raw.send_multipart(frames)
-    last = [b"training.update", encode(Envelope(msg_id="l", source="t", instance="i", seq=3),
-                                       TrainingUpdate(training_id="t", iteration=3))]
+    last = [event_frame("training.update", encode(Envelope(msg_id="l", source="t", instance="i", seq=3),
+                                                  TrainingUpdate(training_id="t", iteration=3)))]
     raw.send_multipart(last)
     record = await asyncio.wait_for(subscriber.recv(), 5)
     assert (record.header.msg_id, record.body.iteration) == ("l", 3)
