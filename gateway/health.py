@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import platform
 import shutil
@@ -20,6 +21,7 @@ from forgellm.schemas import Heartbeat, ProcessExited, ServiceReady, ServiceStop
 log = structlog.get_logger("gateway.health")
 
 PROCESSES = ("broker", "trainer", "inference", "catalog", "publisher")
+INFO_MAX_AGE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -79,15 +81,19 @@ class ServiceMonitor:
         self._subscriber.close()
 
 
-def _meminfo() -> dict[str, float]:
+def _meminfo() -> dict[str, int]:
+    """MemTotal and MemAvailable in bytes (only the two lines we use are parsed)."""
+    values: dict[str, int] = {}
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith((b"MemTotal:", b"MemAvailable:")):
+                    key, _, rest = line.partition(b":")
+                    values[key.decode()] = int(rest.split()[0]) * 1024  # kB
+                    if len(values) == 2:
+                        break
+    except (OSError, ValueError, IndexError):
         return {}
-    values = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        values[key] = int(rest.split()[0]) * 1024  # kB
     return values
 
 
@@ -98,8 +104,18 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def system_info(workspace: Path) -> dict[str, Any]:
-    """Memory, disk and versions, measured now. ``None`` where the platform does not say."""
+@functools.cache
+def _static_info() -> dict[str, Any]:
+    """What cannot change while the process runs (``importlib.metadata`` scans sys.path: ~ms)."""
+    return {
+        "python_version": platform.python_version(),
+        "mlx_version": _version("mlx"),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _measure(workspace: Path) -> dict[str, Any]:
     gib = 1024**3
     mem = _meminfo()
     total = mem.get("MemTotal")
@@ -114,8 +130,30 @@ def system_info(workspace: Path) -> dict[str, Any]:
         "memory_total_gb": round(total / gib, 2) if total else None,
         "memory_available_gb": round(available / gib, 2) if available else None,
         "disk_free_gb": round(disk.free / gib, 2),
-        "python_version": platform.python_version(),
-        "mlx_version": _version("mlx"),
-        "platform": f"{platform.system()} {platform.machine()}",
-        "cpu_count": os.cpu_count(),
+        **_static_info(),
     }
+
+
+# workspace -> (monotonic time measured, info)
+_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
+
+
+def system_info(
+    workspace: Path, max_age_s: float = INFO_MAX_AGE_S, *, cached_only: bool = False
+) -> dict[str, Any] | None:
+    """Memory, disk and versions. ``None`` where the platform does not say.
+
+    Memory and disk are measured at most every ``max_age_s`` (a health probe, not a meter:
+    a poller hitting it thousands of times a second must not pay a /proc read and a statfs
+    each time); versions, platform and CPU count are read once per process. With
+    ``cached_only`` it never measures (cheap enough for the event loop) and returns ``None``
+    when the cached figures are older than ``max_age_s``.
+    """
+    cached = _cache.get(workspace)
+    if cached is not None and time.monotonic() - cached[0] < max_age_s:
+        return dict(cached[1])
+    if cached_only:
+        return None
+    info = _measure(workspace)
+    _cache[workspace] = (time.monotonic(), info)
+    return dict(info)
