@@ -56,13 +56,17 @@ def load(platform: Platform, model: str = "tiny", adapter: str | None = None, ti
     code, reply, _ = http("POST", platform.server + "/api/model/load", body)
     assert code == 200, reply
     assert reply["message"].startswith("Model loading started") and reply["model_name"] == model
+    return wait_loaded(platform, timeout)
+
+
+def wait_loaded(platform: Platform, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         current = status(platform)
         if not current["is_loading"]:
             return current
         time.sleep(0.05)
-    raise AssertionError(f"{model} still loading; log:\n{platform.log()[-3000:]}")
+    raise AssertionError(f"still loading; log:\n{platform.log()[-3000:]}")
 
 
 def generate(platform: Platform, **body) -> tuple[int, dict]:
@@ -318,7 +322,14 @@ def test_smollm2_knows_the_capital_of_france(tmp_path_factory):
         platform = Platform(home).start()
         try:
             platform.wait_healthy()
-            current = load(platform, DEMO_NAME, timeout=120)
+            code, reply, _ = http("POST", platform.server + "/api/model/load", {"model_name": DEMO_NAME})
+            assert code == 200 and reply["message"] == "Model loading started"
+            # loading takes a while: meanwhile status says so and generate answers MODEL_LOADING
+            current = status(platform)
+            assert current["is_loading"] and not current["loaded"] and current["model_name"] == DEMO_NAME
+            code, body = generate(platform, prompt="hi")
+            assert code == 409 and body["error_code"] == "MODEL_LOADING", body
+            current = wait_loaded(platform, timeout=120)
             assert current["loaded"] and current["model_type"] == "instruct", current
             assert current["memory_usage_gb"] > 0.05
             code, reply = generate(platform, prompt="What is the capital of France?", max_tokens=40, **GREEDY)
