@@ -65,9 +65,30 @@ class BusLink:
                 suggestion="Start the platform with 'forgellm start'; 'GET /api/health' shows each process.",
             )
 
-    async def call(self, service: str, request: Any, request_id: str) -> Any:
+    async def call(self, service: str, request: Any, request_id: str, timeout: float | None = None) -> Any:
         self.check_up(service)
-        return await self.clients[service].request(request, correlation_id=request_id)
+        answer = self.clients[service].request(request, correlation_id=request_id, timeout=timeout)
+        if timeout is None:
+            return await answer
+        # A long command (publish, start) must not wait out its long timeout when the service
+        # dies under it: watch the service's health beside the answer.
+        reply = asyncio.ensure_future(answer)
+        died = asyncio.ensure_future(self._until_down(service))
+        try:
+            await asyncio.wait({reply, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        if reply.done():
+            return reply.result()
+        reply.cancel()
+        raise ApiError(ErrorCode.SERVICE_UNAVAILABLE, f"The {service} service stopped while answering",
+                       details={"service": service},
+                       suggestion="It is restarted automatically; try again in a moment.")
+
+    async def _until_down(self, service: str) -> None:
+        # Polled: "down" can also mean "silent for too long", which no event announces.
+        while not self.monitor.is_down(service):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
 
     def close(self) -> None:
         self.monitor.close()
@@ -85,7 +106,7 @@ def _service_handler(link: BusLink, route: Route) -> Handler:
             message = decode_query(request, request_type)
         else:
             message = await decode_body(request, request_type)
-        reply = await link.call(service, message, request["request_id"])
+        reply = await link.call(service, message, request["request_id"], route.timeout_s)
         return json_response(reply)
 
     return handle

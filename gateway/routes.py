@@ -23,13 +23,14 @@ class Route:
     request: type[msgspec.Struct] | None
     reply: type[msgspec.Struct] | None
     apis: tuple[str, ...] = ("web",)  # "web" = :5002, "server" = :5001 (model-server API)
+    timeout_s: float | None = None  # for long commands; None = the configured rpc timeout
 
 
 BOTH = ("web", "server")
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/training/start", "Start a training session (CPT or IFT)", "trainer",
-          s.TrainingStartRequest, s.TrainingStartReply),
+          s.TrainingStartRequest, s.TrainingStartReply, timeout_s=120.0),  # it checks the whole dataset first
     Route("GET", "/api/training/status", "Current training status", "trainer",
           s.TrainingStatusRequest, s.TrainingStatusReply),
     Route("POST", "/api/training/stop", "Stop the current training session", "trainer",
@@ -53,7 +54,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/dashboard/realtime", "Real-time training metrics", "trainer",
           s.RealtimeRequest, s.RealtimeReply),
     Route("POST", "/api/training/publish_checkpoint", "Publish a checkpoint as a full model",
-          "publisher", s.PublishCheckpointRequest, s.PublishCheckpointReply),
+          "publisher", s.PublishCheckpointRequest, s.PublishCheckpointReply, timeout_s=1800.0),
     Route("GET", "/api/filesystem/browse", "Browse workspace folders", "catalog",
           s.BrowseRequest, s.BrowseReply),
     Route("GET", "/api/health", "System health and component status", None, None, None, BOTH),

@@ -1,7 +1,75 @@
-"""The publisher service."""
+"""The publisher service: long jobs that write new models (publish a checkpoint)."""
 
-from forgellm.services.base import Service
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import structlog
+
+from forgellm.schemas import (
+    Envelope,
+    PublishCheckpointReply,
+    PublishCheckpointRequest,
+    PublishComplete,
+    PublishError,
+    PublishProgress,
+)
+from forgellm.services.base import Service, handles
+from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.workspace import Workspace
+from forgellm.services.publishing.job import clean_partial, publish_checkpoint
+
+log = structlog.get_logger("publisher")
 
 
 class PublisherService(Service):
     name = "publisher"
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.workspace = Workspace(settings.home)
+        self.jobs = 0
+        self._one_at_a_time = threading.Lock()  # two fusions at once would double peak memory
+
+    def state(self) -> str:
+        return "publishing" if self.jobs else "idle"
+
+    async def on_start(self) -> None:
+        removed = await asyncio.to_thread(clean_partial, self.workspace)
+        if removed:
+            log.warning("removed_partial_publish", folders=removed)
+
+    def _run(self, request: PublishCheckpointRequest, job_id: str, correlation_id: str):
+        def progress(stage: str, fraction: float) -> None:
+            self.publish(PublishProgress(job_id=job_id, stage=stage, fraction=fraction), correlation_id)
+
+        with self._one_at_a_time:
+            from forgellm.services.mlx_runtime import preload_blas
+
+            preload_blas()
+            return publish_checkpoint(self.workspace, request.checkpoint_path, request.training_dir,
+                                      progress=progress)
+
+    @handles(PublishCheckpointRequest)
+    async def publish_checkpoint(self, request: PublishCheckpointRequest, header: Envelope) -> PublishCheckpointReply:
+        job_id = header.msg_id
+        self.jobs += 1
+        try:
+            done = await asyncio.to_thread(self._run, request, job_id, header.correlation_id)
+        except ForgeError as exc:
+            self.publish(PublishError(job_id=job_id, error=str(exc), suggestion=exc.suggestion), header.correlation_id)
+            raise
+        except Exception as exc:
+            suggestion = ("Free disk space in the workspace and publish again." if isinstance(exc, OSError)
+                          else "See the publisher log; nothing was left half-written.")
+            self.publish(PublishError(job_id=job_id, error=f"{type(exc).__name__}: {exc}", suggestion=suggestion),
+                         header.correlation_id)
+            raise
+        finally:
+            self.jobs -= 1
+        ws = self.workspace
+        self.publish(PublishComplete(job_id=job_id, published_model_path=ws.relative(done.path)),
+                     header.correlation_id)
+        return PublishCheckpointReply(published_model_path=ws.relative(done.path), model_name=done.name,
+                                      dashboard_path=ws.relative(done.dashboard), readme_path=ws.relative(done.readme))
