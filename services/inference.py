@@ -3,12 +3,15 @@
 * ``ModelLoadRequest`` answers at once; the model loads on the MLX worker thread while status
   shows ``is_loading``; ``model.loading`` / ``model.loaded`` / ``model.error`` events tell the
   rest (an error carries a suggestion and stays in status until the next load).
-* ``GenerateRequest`` runs on the same worker thread, one generation at a time in arrival order
-  (the event loop stays free: heartbeats, status and cancels are answered while a model
-  generates). A streaming request answers ``GenerateChunk`` frames then the final
-  ``GenerateReply``. ``GenerateCancelRequest`` stops a queued or running generation between two
-  tokens (the gateway sends it when its HTTP client goes away); it ends with
-  ``finish_reason="cancelled"`` and the log line ``generation_cancelled``.
+* ``GenerateRequest`` runs on the same worker thread with continuous batching
+  (``generation.batching``): requests join the running batch as they arrive and leave it when
+  done, so concurrent requests share each forward pass. A request with a ``seed`` runs alone
+  (one MLX random state), after the batch in hand. The event loop stays free: heartbeats,
+  status and cancels are answered while a model generates. A streaming request answers
+  ``GenerateChunk`` frames then the final ``GenerateReply``. ``GenerateCancelRequest`` stops a
+  queued or running generation between two tokens (the gateway sends it when its HTTP client
+  goes away); it ends with ``finish_reason="cancelled"`` and the log line
+  ``generation_cancelled``.
 * ``ModelUnloadRequest`` cancels what is queued, drops every reference to the model, collects
   and empties MLX's buffer cache; status then shows the memory MLX still holds.
 
@@ -19,6 +22,7 @@ time, so the service process starts fast and loads MLX (after OpenBLAS) on the f
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -93,6 +97,7 @@ class InferenceService(Service):
         super().__init__(settings)
         self.workspace = Workspace(settings.home)
         self.worker = MlxWorker("mlx-inference")
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.loaded: LoadedModel | None = None
         self.loading: tuple[str, AdapterChoice | None] | None = None
         self.load_error: str | None = None
@@ -102,6 +107,14 @@ class InferenceService(Service):
         self._next_id = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mlx_ready = False
+        # Requests waiting to join the batch; the batch loop runs while this is non-empty or
+        # sequences are active (the lock makes "queue and start the loop if idle" atomic).
+        self._inbox: collections.deque[tuple[Job, LoadedModel]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._batch_running = False
+
+    async def on_start(self) -> None:
+        self.loop = asyncio.get_running_loop()
 
     def state(self) -> str:
         if self.loading is not None:
@@ -136,9 +149,7 @@ class InferenceService(Service):
         self.publish(ModelLoading(model_name=request.model_name, adapter_path=request.adapter_path),
                      header.correlation_id)
         self._state_changed()
-        task = asyncio.ensure_future(self._load(ref, request, adapter, header.correlation_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._load(ref, request, adapter, header.correlation_id))
         message = "Model loading started"
         if adapter is not None:
             message += f" (adapter: {adapter.note})"
@@ -276,9 +287,15 @@ class InferenceService(Service):
                              details={"field": "generation_id"})
         job = Job(job_id, request, time.perf_counter(), asyncio.get_running_loop())
         self.jobs[job_id] = job
-        task = asyncio.ensure_future(self.worker.run(self._generate_in_worker, job, loaded))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if request.seed is not None:  # reproducible sampling needs the random state to itself
+            self._spawn(self.worker.run(self._generate_in_worker, job, loaded))
+        else:
+            with self._inbox_lock:
+                self._inbox.append((job, loaded))
+                start = not self._batch_running
+                self._batch_running = True
+            if start:
+                self._spawn(self.worker.run(self._batch_in_worker, loaded))
         del loaded  # only the job holds the model from here
         if request.streaming:
             return self._stream(job)
@@ -289,6 +306,11 @@ class InferenceService(Service):
                     return self._final(job, kind, value)
         finally:
             self._finish(job)
+
+    def _spawn(self, awaitable: Any) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _stream(self, job: Job):  # -> AsyncIterator[Reply]
         index = 0
@@ -330,6 +352,67 @@ class InferenceService(Service):
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
         )
+
+    def _take_batch_items(self, loaded: LoadedModel, idle: bool) -> list[Any]:
+        """MLX thread: the requests that arrived for ``loaded`` (prompt built here); when
+        ``idle`` and none arrived, mark the batch loop stopped, atomically."""
+        engine = _engine()
+        from forgellm.services.generation.batching import BatchItem
+
+        with self._inbox_lock:
+            arrived = []
+            while self._inbox and self._inbox[0][1] is loaded:
+                arrived.append(self._inbox.popleft()[0])
+            if not arrived and idle:
+                self._batch_running = False
+                if self._inbox:  # requests for a newer model: the next loop serves them
+                    self._batch_running = True
+                    self.loop.call_soon_threadsafe(self._restart_batch)
+                return []
+        items = []
+        for job in arrived:
+            request = job.request
+            if job.cancel.is_set():
+                job.emit("done", engine.GenerationResult(
+                    text="", tokens_generated=0, prompt_tokens=0, generation_time_seconds=0.0,
+                    time_to_first_token=0.0, finish_reason="cancelled"))
+                continue
+            try:
+                tokens = engine.prompt_tokens(
+                    loaded, request.prompt, [{"role": m.role, "content": m.content} for m in request.history],
+                    is_base_model=request.is_base_model)
+            except ForgeError as exc:
+                job.emit("error", exc)
+                continue
+            job.started = True
+            params = engine.SamplingParams(
+                max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                repetition_penalty=request.repetition_penalty, stop=tuple(request.stop))
+            items.append(BatchItem(
+                tokens=tokens, params=params, started_at=job.accepted_at,
+                on_text=(lambda text, job=job: job.emit("text", text)) if request.streaming else None,
+                on_done=lambda result, job=job: job.emit("done", result), should_stop=job.cancel.is_set))
+        return items
+
+    def _restart_batch(self) -> None:
+        with self._inbox_lock:
+            loaded = self._inbox[0][1] if self._inbox else None
+            if loaded is None:
+                self._batch_running = False
+                return
+        self._spawn(self.worker.run(self._batch_in_worker, loaded))
+
+    def _batch_in_worker(self, loaded: LoadedModel) -> None:
+        """MLX thread: serve every request for ``loaded`` with continuous batching."""
+        from forgellm.services.generation.batching import serve_batch
+
+        try:
+            served = serve_batch(loaded, lambda idle: self._take_batch_items(loaded, idle))
+            log.debug("batch_done", sequences=served)
+        except Exception:  # a bug: fail the requests in hand, keep the service alive
+            log.exception("batch_failed")
+            with self._inbox_lock:
+                self._batch_running = False
 
     def _generate_in_worker(self, job: Job, loaded: LoadedModel) -> None:
         """Runs on the MLX thread; every outcome reaches the job as a frame."""

@@ -260,6 +260,33 @@ def test_concurrent_requests_are_all_answered_correctly(served):
         assert code == 200 and reply["response"] == alone[i], (i, reply)
 
 
+def test_concurrent_generations_run_in_one_batch_and_each_can_leave(served):
+    load(served)
+    before = status(served)["generations_cancelled"]
+    conns = []
+    for i in range(8):
+        conn = httpclient.HTTPConnection("127.0.0.1", served.server_port, timeout=30)
+        conn.request("POST", "/api/model/generate", json.dumps(
+            {"prompt": f"Story {i}", "max_tokens": 30000, "streaming": True, **GREEDY}),
+            {"Content-Type": "application/json"})
+        conns.append(conn)
+    responses = [conn.getresponse() for conn in conns]
+    for response in responses:
+        assert "token" in json.loads(response.readline())
+    current = status(served)
+    assert current["active_generations"] == 8 and current["queued_generations"] == 0, current  # batched
+    for conn in conns:
+        conn.sock.close()
+        conn.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        current = status(served)
+        if current["active_generations"] == 0:
+            break
+        time.sleep(0.05)
+    assert current["active_generations"] == 0 and current["generations_cancelled"] == before + 8, current
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("max_tokens", 10**9),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),

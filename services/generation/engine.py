@@ -171,7 +171,7 @@ def prompt_tokens(loaded: LoadedModel, prompt: str, history: Sequence[dict[str, 
 # --- generation ------------------------------------------------------------------------------
 
 
-class _StopFilter:
+class StopFilter:
     """Holds back text that may be the start of a stop string; cuts at the first stop string."""
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -222,7 +222,7 @@ def generate(
     sampler = make_sampler(temp=params.temperature, top_p=params.top_p)
     processors = (make_logits_processors(repetition_penalty=params.repetition_penalty)
                   if params.repetition_penalty != 1.0 else None)
-    stop_filter = _StopFilter(params.stop)
+    stop_filter = StopFilter(params.stop)
     count, first_token_at, finish = 0, None, "length"
     eos = set(loaded.tokenizer.eos_token_ids)
     last: Any = None

@@ -1,0 +1,125 @@
+"""Continuous batching with mlx-lm's ``BatchGenerator``: requests join a running batch as they
+arrive and leave it when they finish, so concurrent requests share each forward pass instead
+of waiting for one another.
+
+``serve_batch`` runs on the MLX thread until nothing is left to do: each step it takes the
+requests that arrived (``next_items``), decodes one token for every running sequence, and
+hands text to each request (stop strings, cancellation and EOS handled per sequence). Sampling
+is per request (temperature, top_p, repetition penalty); a ``seed`` cannot be honoured inside a
+shared batch (MLX has one random state), so seeded requests take the one-at-a-time path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from forgellm.services.generation.engine import GenerationResult, LoadedModel, SamplingParams, StopFilter
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 16  # sequences decoded together
+PREFILL_BATCH = 8  # prompts processed together
+
+
+@dataclass(slots=True)
+class BatchItem:
+    tokens: list[int]
+    params: SamplingParams
+    started_at: float  # the caller's clock (time.perf_counter) when the request arrived
+    on_text: Callable[[str], None] | None
+    on_done: Callable[[GenerationResult], None]
+    should_stop: Callable[[], bool]
+
+
+@dataclass(slots=True)
+class _Sequence:
+    item: BatchItem
+    detokenizer: Any
+    stop_filter: StopFilter
+    begin: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    count: int = 0
+
+    def emit(self, text: str) -> None:
+        out = self.stop_filter.feed(text)
+        if out and self.item.on_text is not None:
+            self.item.on_text(out)
+
+    def finish(self, reason: str) -> None:
+        if not self.stop_filter.stopped:
+            rest = self.stop_filter.flush()
+            if rest and self.item.on_text is not None:
+                self.item.on_text(rest)
+        end = time.perf_counter()
+        self.item.on_done(GenerationResult(
+            text=self.stop_filter.text, tokens_generated=self.count, prompt_tokens=len(self.item.tokens),
+            generation_time_seconds=end - self.begin,
+            time_to_first_token=(self.first_token_at or end) - self.item.started_at, finish_reason=reason))
+
+
+def serve_batch(loaded: LoadedModel, next_items: Callable[[bool], list[BatchItem]], *,
+                max_batch: int = MAX_BATCH) -> int:
+    """Generate for every item ``next_items(idle)`` hands over until it returns none while idle.
+    Returns how many sequences were served."""
+    eos = sorted(loaded.tokenizer.eos_token_ids)
+    generator = BatchGenerator(loaded.model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch,
+                               prefill_batch_size=min(PREFILL_BATCH, max_batch))
+    active: dict[int, _Sequence] = {}
+    served = 0
+    try:
+        while True:
+            items = next_items(not active)
+            if not items and not active:
+                return served
+            for item in items:
+                params = item.params
+                processors = (make_logits_processors(repetition_penalty=params.repetition_penalty)
+                              if params.repetition_penalty != 1.0 else [])
+                (uid,) = generator.insert([item.tokens], max_tokens=[params.max_tokens],
+                                          samplers=[make_sampler(temp=params.temperature, top_p=params.top_p)],
+                                          logits_processors=[processors])
+                active[uid] = _Sequence(item, loaded.tokenizer.detokenizer, StopFilter(params.stop))
+                served += 1
+            _, responses = generator.next()
+            now = time.perf_counter()
+            done: dict[int, str] = {}
+            for response in responses:
+                sequence = active.get(response.uid)
+                if sequence is None:
+                    continue
+                if sequence.first_token_at is None:
+                    sequence.first_token_at = now
+                if response.finish_reason == "stop":  # the EOS token itself is not part of the text
+                    sequence.detokenizer.finalize()
+                else:
+                    sequence.detokenizer.add_token(response.token)
+                    sequence.count += 1
+                    if response.finish_reason is not None:
+                        sequence.detokenizer.finalize()
+                sequence.emit(sequence.detokenizer.last_segment)
+                if sequence.stop_filter.stopped:
+                    done[response.uid] = "stop"
+                elif response.finish_reason is not None:
+                    done[response.uid] = response.finish_reason
+            for uid, sequence in active.items():
+                if uid not in done and sequence.item.should_stop():
+                    done[uid] = "cancelled"
+            if not done:
+                continue
+            finished_by_generator = {r.uid for r in responses if r.finish_reason is not None}
+            still_running = [uid for uid in done if uid not in finished_by_generator]
+            if still_running:
+                generator.remove(still_running)
+            for uid, reason in done.items():
+                active.pop(uid).finish(reason)
+    finally:
+        for sequence in active.values():  # only on an exception: tell every caller
+            sequence.finish("cancelled")
+        generator.close()
