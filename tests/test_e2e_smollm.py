@@ -13,7 +13,7 @@ import socketio
 
 from tests.helpers.procs import Platform, http
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
