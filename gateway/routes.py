@@ -39,7 +39,8 @@ ROUTES: tuple[Route, ...] = (
           s.ModelLoadRequest, s.ModelLoadReply, BOTH),
     Route("GET", "/api/model/status", "Status of the loaded model", "inference",
           s.ModelStatusRequest, s.ModelStatusReply, BOTH),
-    Route("POST", "/api/model/generate", "Generate text with the loaded model", "inference",
+    Route("POST", "/api/model/generate", "Generate text with the loaded model (streaming: NDJSON lines, "
+          "{\"token\"} then the statistics with \"done\": true)", "inference",
           s.GenerateRequest, s.GenerateReply, BOTH),
     Route("POST", "/api/model/unload", "Unload the model and free its memory", "inference",
           s.ModelUnloadRequest, s.ModelUnloadReply, BOTH),
