@@ -41,3 +41,10 @@ def fresh_platform():
             leftover = processes_of(running.home)
             running.kill_everything()
             assert not leftover, f"processes left behind: {leftover}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (end to end on SmolLM2) get 15 minutes instead of the default 2."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(900))
