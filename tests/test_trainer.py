@@ -113,7 +113,8 @@ def test_start_validation_errors(trainer):
         ({"dataset": "nope"}, "DATASET_NOT_FOUND", "dataset"),
         ({"dataset": "../../etc"}, "PATH_OUTSIDE_WORKSPACE", "dataset"),
         ({"batch_size": 0}, "INVALID_REQUEST", "batch_size"),
-        ({"data_mixture_ratio": 0.5}, "INVALID_REQUEST", "general_dataset"),
+        ({"data_mixture_ratio": 1.5}, "INVALID_REQUEST", "data_mixture_ratio"),
+        ({"general_dataset": "nope", "data_mixture_ratio": 0.5}, "DATASET_NOT_FOUND", "general_dataset"),
     ]:
         got, body, _ = http("POST", trainer.web + "/api/training/start", {**FAST, **fields})
         assert body["error_code"] == code, body
@@ -232,3 +233,24 @@ async def test_kill_9_of_the_worker_is_reported_and_resumed(trainer):
     assert final["phase"] == "completed" and final["current_iteration"] == 1500
     events = metrics(trainer, reply["output_dir"])
     assert [e["iteration"] for e in events if e["event"] == "resume"][0] % 50 == 0
+
+
+def test_mixture_with_self_synthesized_replay(trainer):
+    reply = start(trainer, max_iterations=10, save_every=10, steps_per_eval=10, data_mixture_ratio=0.5)
+    assert wait_done(trainer)["phase"] == "completed"
+    events = metrics(trainer, reply["output_dir"])
+    assert "preparing replay text" in [e.get("phase") for e in events if e["event"] == "phase"]
+    caches = list((trainer.home / ".forgellm" / "replay").glob("tiny-*.jsonl"))
+    assert len(caches) == 1
+    texts = [json.loads(line)["text"] for line in caches[0].read_text().splitlines()]
+    assert texts and all(isinstance(t, str) for t in texts)
+    domain_only = start(trainer, max_iterations=10, save_every=10, steps_per_eval=10)
+    wait_done(trainer)
+    rows_mixed = [e for e in events if e["event"] == "start"][0]["train_rows"]
+    rows_domain = [e for e in metrics(trainer, domain_only["output_dir"]) if e["event"] == "start"][0]["train_rows"]
+    assert rows_mixed == 2 * rows_domain  # r = 0.5: as many general rows as domain rows
+    before = caches[0].stat().st_mtime_ns
+    again = start(trainer, max_iterations=10, save_every=10, steps_per_eval=10, data_mixture_ratio=0.5)
+    wait_done(trainer)
+    assert caches[0].stat().st_mtime_ns == before  # cached per base model: nothing generated again
+    assert [e for e in metrics(trainer, again["output_dir"]) if e["event"] == "start"][0]["train_rows"] == rows_mixed

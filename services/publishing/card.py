@@ -13,7 +13,7 @@ from forgellm.services.common.models import read_json
 
 # Fields of training_config.json that are bookkeeping, not training settings.
 BOOKKEEPING = {"training_id", "model_path", "dataset_path", "general_dataset_path", "output_dir", "created_at",
-               "resume_from"}
+               "resume_from", "workspace"}
 
 
 def base_license(base_path: Path) -> str:

@@ -39,11 +39,6 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
     if request.general_dataset:
         general = resolve_dataset(ws, request.general_dataset, field="general_dataset")
         check_dataset(general, "cpt")
-    elif request.data_mixture_ratio < 1.0:
-        raise ForgeError(ErrorCode.INVALID_REQUEST,
-                         "data_mixture_ratio < 1 needs general_dataset (self-synthesized replay is not "
-                         "available yet)", details={"field": "general_dataset"},
-                         suggestion="Name a general-text dataset, or set data_mixture_ratio to 1.")
     now = now or datetime.now()
     if request.resume_from:
         source = ws.resolve(request.resume_from, field="resume_from")
@@ -74,7 +69,7 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
     output_dir = ws.relative(run_dir)
     config = {**msgspec.to_builtins(request), "training_id": tid, "model_path": str(model.path),
               "dataset_path": str(dataset), "general_dataset_path": str(general) if general else None,
-              "output_dir": output_dir, "created_at": now.isoformat(timespec="seconds")}
+              "output_dir": output_dir, "workspace": str(ws.home), "created_at": now.isoformat(timespec="seconds")}
     config.pop("type", None)
     ckpt.atomic_write_text(run_dir / "training_config.json", json.dumps(config, indent=2))
     ws.state_dir.mkdir(parents=True, exist_ok=True)

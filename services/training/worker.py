@@ -76,7 +76,7 @@ class Run:
         self.run_dir = run_dir
         raw = json.loads((run_dir / "training_config.json").read_text())
         self.meta = {k: raw.pop(k) for k in ("training_id", "model_path", "dataset_path", "general_dataset_path",
-                                             "output_dir", "created_at") if k in raw}
+                                             "output_dir", "workspace", "created_at") if k in raw}
         self.config = msgspec.convert(raw, TrainingStartRequest)
         self.training_id = self.meta["training_id"]
         self.events = events
@@ -126,13 +126,12 @@ class Run:
             encode = tok.encode
             train = Rows.packed(pack([encode(d) for d in train_docs], cfg.max_seq_length, tok.eos_token_id))
             valid = Rows.packed(pack([encode(d) for d in valid_docs], cfg.max_seq_length, tok.eos_token_id))
-            if cfg.data_mixture_ratio < 1.0 and self.meta.get("general_dataset_path"):
-                general_docs = [t for _, t in load_documents(Path(self.meta["general_dataset_path"]))]
-                general = pack([encode(d) for d in general_docs], cfg.max_seq_length, tok.eos_token_id)
+            if cfg.data_mixture_ratio < 1.0:
                 want = round(len(train) * (1 - cfg.data_mixture_ratio) / cfg.data_mixture_ratio)
+                general = self.general_rows(want)
                 if len(general) and want:
-                    picks = [general[i % len(general)] for i in range(want)]
-                    extra = Rows.packed(np.asarray(picks))
+                    picks = np.asarray([general[i % len(general)] for i in range(want)])
+                    extra = Rows.packed(picks)
                     train = Rows(train.ids + extra.ids, train.masks + extra.masks)
         else:
             examples = load_chat_examples(dataset)
@@ -152,6 +151,23 @@ class Run:
                             for b in range(n_val)]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         log.info("data_ready", train_rows=len(train), valid_rows=len(valid), val_batches=n_val)
+
+    def general_rows(self, rows_wanted: int) -> np.ndarray:
+        """Packed rows of general text: the named general_dataset, else the base model's own
+        replay text (self-synthesized rehearsal, cached per base model)."""
+        cfg, tok = self.config, self.tokenizer
+        if self.meta.get("general_dataset_path"):
+            texts = [t for _, t in load_documents(Path(self.meta["general_dataset_path"]))]
+        else:
+            from forgellm.services.training.replay import replay_texts
+
+            self.phase("preparing replay text")
+            home = Path(self.meta.get("workspace") or self.run_dir.parents[2])
+            self.model.eval()  # no dropout while the (still untouched) base model writes
+            texts = replay_texts(self.model, tok, Path(self.meta["model_path"]), home / ".forgellm" / "replay",
+                                 rows_wanted * (cfg.max_seq_length + 1), cfg.seed)
+            self.model.train()
+        return pack([tok.encode(t) for t in texts], cfg.max_seq_length, tok.eos_token_id)
 
     def build_step(self) -> None:
         from functools import partial
