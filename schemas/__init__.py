@@ -43,11 +43,15 @@ from forgellm.schemas.inference import (
     ModelUnloadRequest,
 )
 from forgellm.schemas.publish import (
+    ExportGgufReply,
+    ExportGgufRequest,
     PublishCheckpointReply,
     PublishCheckpointRequest,
     PublishComplete,
     PublishError,
     PublishProgress,
+    QuantizeReply,
+    QuantizeRequest,
 )
 from forgellm.schemas.service import (
     HealthReply,

@@ -1,6 +1,10 @@
 """Publisher commands and events."""
 
 
+from typing import Annotated, Literal
+
+import msgspec
+
 from forgellm.schemas.base import Message, Reply, Request
 
 
@@ -33,3 +37,31 @@ class PublishError(Message, kw_only=True):
     job_id: str
     error: str
     suggestion: str = ""
+
+
+class QuantizeRequest(Request, kw_only=True):
+    """Quantize a published model into a new published model (``<name>_q<bits>g<group_size>``)."""
+
+    model_name: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+
+
+class QuantizeReply(Reply, kw_only=True):
+    success: bool = True
+    message: str = "Model quantized successfully"
+    model_name: str
+    published_model_path: str
+
+
+class ExportGgufRequest(Request, kw_only=True):
+    """Export a llama-family published model as an f16 GGUF file inside its folder."""
+
+    model_name: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class ExportGgufReply(Reply, kw_only=True):
+    success: bool = True
+    message: str = "Model exported to GGUF"
+    gguf_path: str
+    size_mb: float

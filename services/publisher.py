@@ -9,15 +9,22 @@ import structlog
 
 from forgellm.schemas import (
     Envelope,
+    ErrorCode,
+    ExportGgufReply,
+    ExportGgufRequest,
     PublishCheckpointReply,
     PublishCheckpointRequest,
     PublishComplete,
     PublishError,
     PublishProgress,
+    QuantizeReply,
+    QuantizeRequest,
 )
 from forgellm.services.base import Service, handles
 from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.models import resolve_model
 from forgellm.services.common.workspace import Workspace
+from forgellm.services.publishing.derive import export_gguf, quantize_published
 from forgellm.services.publishing.job import clean_partial, publish_checkpoint
 
 log = structlog.get_logger("publisher")
@@ -73,3 +80,40 @@ class PublisherService(Service):
                      header.correlation_id)
         return PublishCheckpointReply(published_model_path=ws.relative(done.path), model_name=done.name,
                                       dashboard_path=ws.relative(done.dashboard), readme_path=ws.relative(done.readme))
+
+    def _published(self, model_name: str):
+        ref = resolve_model(model_name, self.workspace)
+        if ref.source != "published":
+            raise ForgeError(ErrorCode.INVALID_REQUEST, "Only published models can be quantized or exported",
+                             details={"field": "model_name"},
+                             suggestion="Publish a checkpoint first; then use published/<name>.")
+        return ref.path
+
+    def _locked(self, function, *args):
+        with self._one_at_a_time:
+            from forgellm.services.mlx_runtime import preload_blas
+
+            preload_blas()
+            return function(*args)
+
+    @handles(QuantizeRequest)
+    async def quantize(self, request: QuantizeRequest, header: Envelope) -> QuantizeReply:
+        source = self._published(request.model_name)
+        self.jobs += 1
+        try:
+            path = await asyncio.to_thread(self._locked, quantize_published, self.workspace, source, request.bits,
+                                           request.group_size)
+        finally:
+            self.jobs -= 1
+        return QuantizeReply(model_name=f"published/{path.name}", published_model_path=self.workspace.relative(path))
+
+    @handles(ExportGgufRequest)
+    async def export(self, request: ExportGgufRequest, header: Envelope) -> ExportGgufReply:
+        source = self._published(request.model_name)
+        out = source / f"{source.name}-f16.gguf"
+        self.jobs += 1
+        try:
+            await asyncio.to_thread(self._locked, export_gguf, source, out)
+        finally:
+            self.jobs -= 1
+        return ExportGgufReply(gguf_path=self.workspace.relative(out), size_mb=round(out.stat().st_size / 1024**2, 3))

@@ -142,3 +142,42 @@ def test_kill_9_during_publish_leaves_nothing_half_written(published_run):
     status, body = publish(platform, run, 20)  # a retry works
     assert status == 200, body
     mlx_lm.load(str(platform.home / body["published_model_path"]))
+
+
+def test_quantize_and_gguf_round_trip(published_run, tmp_path):
+    from forgellm.services.modelio.gguf import import_gguf
+
+    platform, run = published_run
+    status, body = publish(platform, run, 40)
+    assert status == 200, body
+    name = body["model_name"]
+    original, _ = mlx_lm.load(str(platform.home / body["published_model_path"]))
+    got, quant, _ = http("POST", platform.web + "/api/models/quantize",
+                         {"model_name": name, "bits": 8, "group_size": 32}, timeout=300)
+    assert got == 200, quant
+    assert quant["model_name"] == f"{name}_q8g32"
+    qdir = platform.home / quant["published_model_path"]
+    quantization = json.loads((qdir / "config.json").read_text())["quantization"]
+    assert {"group_size": 32, "bits": 8}.items() <= quantization.items()
+    quantized, _ = mlx_lm.load(str(qdir))
+    difference = mx.abs(logits(quantized) - logits(original))
+    assert difference.mean().item() < 0.05 * logits(original).std().item()  # 8-bit stays close
+    _, models, _ = http("GET", platform.web + "/api/models")
+    assert quant["model_name"] in {m["name"] for m in models["published_models"]}
+
+    got, export, _ = http("POST", platform.web + "/api/models/export_gguf", {"model_name": name}, timeout=300)
+    assert got == 200, export
+    gguf = platform.home / export["gguf_path"]
+    assert gguf.read_bytes()[:4] == b"GGUF" and export["size_mb"] > 0
+    back, tokenizer = mlx_lm.load(str(import_gguf(gguf, tmp_path / "back")))
+    assert mx.allclose(logits(back), logits(original), atol=2e-2).item()  # f16 round trip keeps the logits
+    assert tokenizer.chat_template
+
+    for payload, field in [({"model_name": name, "bits": 3}, "bits"), ({"model_name": name, "group_size": 48},
+                                                                         "group_size")]:
+        got, error, _ = http("POST", platform.web + "/api/models/quantize", payload)
+        assert got == 400 and error["details"]["field"] == field
+    got, error, _ = http("POST", platform.web + "/api/models/quantize", {"model_name": "tiny"})
+    assert got == 400 and "published" in error["error"]
+    got, error, _ = http("POST", platform.web + "/api/models/export_gguf", {"model_name": quant["model_name"]})
+    assert got == 400 and "quantized" in error["error"]

@@ -78,3 +78,52 @@ def dashboard(run_dir: str, output: Path) -> None:
     except ForgeError as exc:
         raise _fail(exc) from None
     click.echo(str(draw_dashboard(run, output)))
+
+
+def _published_dir(ws: Workspace, model: str) -> Path:
+    from forgellm.services.common.models import resolve_model
+
+    try:
+        ref = resolve_model(model, ws)
+    except ForgeError as exc:
+        raise _fail(exc) from None
+    if ref.source != "published":
+        raise click.ClickException("only published models (published/<name>) can be quantized or exported")
+    return ref.path
+
+
+@click.command()
+@click.argument("model")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+def quantize(model: str, bits: str, group_size: str) -> None:
+    """Quantize the published MODEL into a new published model (published/<name>_q<bits>g<group>)."""
+    from forgellm.services.mlx_runtime import preload_blas
+    from forgellm.services.publishing.derive import quantize_published
+
+    preload_blas()
+    ws = Workspace(load_settings().home)
+    try:
+        path = quantize_published(ws, _published_dir(ws, model), int(bits), int(group_size))
+    except ForgeError as exc:
+        raise _fail(exc) from None
+    click.echo(f"published/{path.name}\n  {ws.relative(path)}")
+
+
+@click.command("export-gguf")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the .gguf (default: inside the model's folder).")
+def export_gguf_command(model: str, output: Path | None) -> None:
+    """Export the published llama-family MODEL as an f16 GGUF (llama.cpp, Ollama)."""
+    from forgellm.services.mlx_runtime import preload_blas
+    from forgellm.services.publishing.derive import export_gguf
+
+    preload_blas()
+    ws = Workspace(load_settings().home)
+    source = _published_dir(ws, model)
+    try:
+        out = export_gguf(source, output or source / f"{source.name}-f16.gguf")
+    except ForgeError as exc:
+        raise _fail(exc) from None
+    click.echo(str(out))

@@ -73,9 +73,10 @@ def publish_checkpoint(ws: Workspace, checkpoint_path: str, training_dir: str, *
                          suggestion="Restore the base model folder, then publish again.")
     now = now or datetime.now()
     name = f"{RUN_SUFFIX.sub('', run_dir.name)}_{iteration:07d}_{now:%Y%m%d_%H%M%S}"
-    final = ws.published / name
-    if final.exists():
-        raise ForgeError(ErrorCode.INVALID_REQUEST, f"Already published as {name}", details={"path": str(final)})
+    final, n = ws.published / name, 2
+    while final.exists():  # the same checkpoint published twice within a second
+        final, n = ws.published / f"{name}_{n}", n + 1
+    name = final.name
     ws.published.mkdir(parents=True, exist_ok=True)
     staging = ws.published / f"{TEMP_PREFIX}{name}"
     shutil.rmtree(staging, ignore_errors=True)
