@@ -273,8 +273,17 @@ class InferenceService(Service):
             return GenerateCancelReply(cancelled=True)
         return GenerateCancelReply(cancelled=False)
 
+    async def _wait_for_load(self, limit_s: float = 600.0) -> None:
+        """A generate that arrives while a model loads waits for it (as the reference's SDK example
+        expects: it loads, then generates at once) instead of failing."""
+        deadline = asyncio.get_running_loop().time() + limit_s
+        # polled: the load ends on the MLX worker thread
+        while self.loading is not None and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
     @handles(GenerateRequest)
     async def generate(self, request: GenerateRequest, header: Envelope) -> Reply | Any:
+        await self._wait_for_load()
         loaded = self._require_model()
         if request.adapter is not None:
             raise ForgeError(ErrorCode.NOT_IMPLEMENTED, "Per-request adapters are not supported yet",

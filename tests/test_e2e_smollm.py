@@ -70,3 +70,26 @@ async def test_cpt_on_smollm2_with_the_sample_dataset(demo_platform):
                                                 f"{reply['output_dir']}")
     assert sorted(c["iteration"] for c in checkpoints["checkpoints"]) == [6, 12]
     assert checkpoints["best_checkpoints"][0] == 12
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "api-reference.md"
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="the API reference is not beside the checkout")
+def test_the_reference_python_sdk_example_runs(demo_platform, capsys):
+    """The reference's whole SDK example, with its 4B Hub model and 'my_domain' dataset (which
+    cannot be downloaded here) replaced by the demo model and the sample dataset."""
+    import re
+
+    code = re.search(r"### Python SDK Example\s+```python\n(.*?)```", REFERENCE.read_text(), re.S).group(1)
+    code = code.replace("mlx-community/Qwen3-4B-bf16", "SmolLM2-135M-Instruct").replace("my_domain", "sample_cpt")
+    code = code.replace('base_url="http://localhost:5002"', f'base_url="{demo_platform.web}"')
+    try:
+        exec(compile(code, "api-reference.md", "exec"), {"__name__": "sdk_example"})
+        out = capsys.readouterr().out
+        assert re.search(r"^Training started: cpt_\d{8}_\d{6}$", out, re.M), out
+        assert re.search(r"^Generated: \S+", out, re.M), out
+    finally:
+        http("POST", demo_platform.web + "/api/training/stop")
+        # the final step and evaluation at the default max_seq_length (2048) take minutes on 2 cores
+        demo_platform.wait_until(lambda h: h["components"]["training_pipeline"] == "idle", 600, "run stopped")
