@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.procs import Platform, processes_of
+from tests.helpers.procs import Platform, processes_of, running_platform
 
 
 @pytest.fixture
@@ -19,13 +19,8 @@ def short_tmp() -> Path:
 def platform():
     """One running platform shared by the read-only gateway tests (debug logs on)."""
     with tempfile.TemporaryDirectory(prefix="fl-") as name:
-        running = Platform(Path(name), FORGELLM_LOGGING_LEVEL="debug").start()
-        try:
-            running.wait_healthy()
+        with running_platform(Path(name), FORGELLM_LOGGING_LEVEL="debug") as running:
             yield running
-        finally:
-            running.stop()
-            running.kill_everything()
 
 
 @pytest.fixture

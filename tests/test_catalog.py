@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.procs import Platform, http
+from tests.helpers.procs import Platform, http, running_platform
 from tests.helpers.workspace import write_model, write_run
 
 
@@ -42,13 +42,8 @@ def catalog():
         (outside / "secret.txt").write_text("secret")
         os.symlink(outside, home / "dataset" / "link_out")
         os.symlink(outside / "secret.txt", home / "escape.txt")
-        running = Platform(home, HF_HUB_CACHE=str(hf)).start()
-        try:
-            running.wait_healthy()
+        with running_platform(home, HF_HUB_CACHE=str(hf)) as running:
             yield running
-        finally:
-            running.stop()
-            running.kill_everything()
 
 
 def get(platform: Platform, endpoint: str, **query: str):

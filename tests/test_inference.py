@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from forgellm.bus import AsyncSubscriber
 from forgellm.config import bus_address, load_settings
-from tests.helpers.procs import Platform, http
+from tests.helpers.procs import Platform, http, running_platform
 from tests.helpers.tiny_model import build_tiny_model, write_lora_run
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
@@ -36,13 +36,8 @@ def served():
         broken.mkdir()
         (broken / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
         (broken / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes())
-        running = Platform(home).start()
-        try:
-            running.wait_healthy()
+        with running_platform(home) as running:
             yield running
-        finally:
-            running.stop()
-            running.kill_everything()
 
 
 def status(platform: Platform) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.procs import Platform, http
+from tests.helpers.procs import http, running_platform
 from tests.helpers.tiny_lm import write_tiny_model
 
 
@@ -20,13 +20,8 @@ def platform():
         from forgellm.services.publishing.derive import export_gguf
 
         export_gguf(source, home / "incoming" / "tiny.gguf")
-        running = Platform(home, HF_HUB_OFFLINE="1").start()
-        try:
-            running.wait_healthy()
+        with running_platform(home, HF_HUB_OFFLINE="1") as running:
             yield running
-        finally:
-            running.stop()
-            running.kill_everything()
 
 
 def test_import_gguf_over_rest(platform):

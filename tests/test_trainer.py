@@ -18,7 +18,7 @@ import mlx.core as mx
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http
+from tests.helpers.procs import Platform, http, running_platform
 from tests.helpers.tiny_lm import write_corpus, write_tiny_model
 
 FAST = {"model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3,
@@ -43,13 +43,8 @@ def trainer():
             json.dumps({"messages": [{"role": "user", "content": f"Where does the heron go at {t}?"},
                                      {"role": "assistant", "content": f"The heron crosses the estuary at {t}."}]})
             + "\n" for t in ("dawn", "noon", "dusk", "night", "low water", "high water") * 3))
-        running = Platform(home).start()
-        try:
-            running.wait_healthy()
+        with running_platform(home) as running:
             yield running
-        finally:
-            running.stop()
-            running.kill_everything()
 
 
 def start(platform: Platform, **fields) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,18 @@ class Platform:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@contextlib.contextmanager
+def running_platform(home: Path, **settings: str) -> Iterator[Platform]:
+    """A started, healthy platform for the block; stopped and cleaned up after it."""
+    platform = Platform(home, **settings).start()
+    try:
+        platform.wait_healthy()
+        yield platform
+    finally:
+        platform.stop()
+        platform.kill_everything()
 
 
 def start_process(name: str, home: Path, *args: str, **settings: str) -> subprocess.Popen[bytes]:
