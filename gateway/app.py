@@ -23,6 +23,7 @@ from forgellm.gateway.health import PROCESSES, ServiceMonitor, system_info
 from forgellm.gateway.openapi import openapi_document
 from forgellm.gateway.realtime import TrainingEvents
 from forgellm.gateway.routes import ROUTES, Route
+from forgellm.gateway.security import check_bind, token_matches, token_middleware
 from forgellm.schemas import ErrorCode, HealthReply
 
 log = structlog.get_logger("gateway")
@@ -134,7 +135,9 @@ def _health_handler(link: BusLink) -> Handler:
 
 def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents | None]:
     """One aiohttp application for ``api`` = "web" (:5002) or "server" (:5001)."""
-    app = web.Application(middlewares=[request_context], client_max_size=link.settings.gateway.max_body_bytes)
+    token = link.settings.security.api_token
+    middlewares = [request_context, *([token_middleware(token)] if token else [])]
+    app = web.Application(middlewares=middlewares, client_max_size=link.settings.gateway.max_body_bytes)
     for route in ROUTES:
         if api not in route.apis:
             continue
@@ -157,12 +160,18 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
             engineio_logger=False,
         )
         sio.attach(app)
+        if token:
+            async def authenticate(sid: str, environ: dict, auth: Any = None) -> bool:
+                return token_matches((auth or {}).get("token") if isinstance(auth, dict) else None, token)
+
+            sio.on("connect", authenticate)
         events = TrainingEvents(sio, link.training_feed(), link.clients["trainer"])
     return app, events
 
 
 async def run_gateway(settings: Settings, *, web_port: int, server_port: int) -> int:
     """Serve until SIGTERM/SIGINT; a port of 0 leaves that API off."""
+    check_bind(settings.gateway.host, settings.security.api_token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -35,6 +35,8 @@ def _child_env(settings) -> dict[str, str]:
     env["FORGELLM_GATEWAY_HOST"] = settings.gateway.host
     env["FORGELLM_GATEWAY_WEB_PORT"] = str(settings.gateway.web_port)
     env["FORGELLM_GATEWAY_SERVER_PORT"] = str(settings.gateway.server_port)
+    if settings.security.api_token:
+        env["FORGELLM_SECURITY_API_TOKEN"] = settings.security.api_token
     env["FORGELLM_BUS_RUN_DIR"] = str(settings.run_dir)
     env.setdefault("FORGELLM_LOGGING_FORMAT", "console" if sys.stdout.isatty() else "json")
     return env
@@ -49,6 +51,12 @@ def _child_env(settings) -> dict[str, str]:
 def start(server_port: int | None, web_port: int | None, host: str | None, procfile: Path | None) -> None:
     """Start every ForgeLLM process (broker, services, gateway) and keep them running."""
     settings = _settings(server_port=server_port, web_port=web_port, host=host)
+    from forgellm.gateway.security import check_bind
+
+    try:
+        check_bind(settings.gateway.host, settings.security.api_token)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     entries = parse_procfile((procfile or default_procfile()).read_text())
     # The supervisor knows first when a process dies: it says so on the bus, so health shows
     # the process down at once rather than after missed heartbeats.
