@@ -20,6 +20,7 @@ from forgellm.gateway.decode import decode_body, decode_query
 from forgellm.gateway.errors import ApiError, request_context
 from forgellm.gateway.generation import generate_handler
 from forgellm.gateway.health import PROCESSES, ServiceMonitor, system_info
+from forgellm.gateway.openai_api import add_openai_routes
 from forgellm.gateway.openapi import openapi_document
 from forgellm.gateway.realtime import TrainingEvents
 from forgellm.gateway.routes import ROUTES, Route
@@ -151,6 +152,7 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
         else:
             handler = _service_handler(link, route)
         app.router.add_route(route.method, route.path, handler)
+    add_openai_routes(app, link)  # /v1/models, /v1/chat/completions, /v1/completions (gateway/openai_api.py)
     events = None
     if api == "web":
         sio = socketio.AsyncServer(
