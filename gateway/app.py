@@ -25,6 +25,7 @@ from forgellm.gateway.openapi import openapi_document
 from forgellm.gateway.realtime import TrainingEvents
 from forgellm.gateway.routes import ROUTES, Route
 from forgellm.gateway.security import check_bind, token_matches, token_middleware
+from forgellm.gateway.static import add_web_routes
 from forgellm.schemas import ErrorCode, HealthReply
 
 log = structlog.get_logger("gateway")
@@ -162,6 +163,7 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
             engineio_logger=False,
         )
         sio.attach(app)
+        add_web_routes(app, link.settings.home)  # the web UI (gateway/static.py)
         if token:
             async def authenticate(sid: str, environ: dict, auth: Any = None) -> bool:
                 return token_matches((auth or {}).get("token") if isinstance(auth, dict) else None, token)
