@@ -12,6 +12,14 @@
   queued or running generation between two tokens (the gateway sends it when its HTTP client
   goes away); it ends with ``finish_reason="cancelled"`` and the log line
   ``generation_cancelled``.
+* Memory guard: a load is refused at once with ``INSUFFICIENT_MEMORY`` (507) when the model
+  would not fit (``MemoryCheck``): its ``*.safetensors`` (and adapter) bytes x 1.2, plus the memory
+  a running training run reports (TrainingStatusRequest), must fit in the available memory:
+  ``MemAvailable`` from /proc/meminfo on Linux (plus what the model being replaced holds, freed
+  first), the total on macOS (unified memory), or ``FORGELLM_INFERENCE_MEMORY_LIMIT_GB`` when set
+  (tests; a large value turns the guard off). On Linux the trainer's current memory is already
+  out of ``MemAvailable``: counting it again keeps that much headroom for its peaks within a
+  step (it reports MLX's active memory between steps), so a load never pushes it into swap.
 * ``ModelUnloadRequest`` cancels what is queued, drops every reference to the model, collects
   and empties MLX's buffer cache; status then shows the memory MLX still holds.
 
@@ -23,13 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from forgellm.bus import AsyncRpcClient, BusError
+from forgellm.config import bus_address
 from forgellm.schemas import (
     Envelope,
     ErrorCode,
@@ -50,6 +64,8 @@ from forgellm.schemas import (
     ModelUnloadReply,
     ModelUnloadRequest,
     Reply,
+    TrainingStatusReply,
+    TrainingStatusRequest,
 )
 from forgellm.services.base import Service, handles
 from forgellm.services.common.errors import ForgeError
@@ -62,6 +78,94 @@ if TYPE_CHECKING:
     from forgellm.services.generation.engine import GenerationResult, LoadedModel
 
 log = structlog.get_logger("inference")
+
+
+GiB = 1024**3
+MEMORY_LIMIT_ENV = "FORGELLM_INFERENCE_MEMORY_LIMIT_GB"
+WEIGHTS_OVERHEAD = 1.2  # weights as loaded + KV caches and buffers of a generation
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryCheck:
+    """Would ``model_gb`` of weights fit next to a training run holding ``trainer_gb``?"""
+
+    model_gb: float  # safetensors bytes of the model (+ adapter)
+    trainer_gb: float  # what a running training run reports (0 when none)
+    available_gb: float | None  # None: unknown, the guard stands aside
+    source: str  # MemAvailable | total | FORGELLM_INFERENCE_MEMORY_LIMIT_GB | unknown
+    freed_gb: float = 0.0  # held by the model being replaced (freed before the load)
+
+    @property
+    def needed_gb(self) -> float:
+        return self.model_gb * WEIGHTS_OVERHEAD + self.trainer_gb
+
+    @property
+    def budget_gb(self) -> float | None:
+        return None if self.available_gb is None else self.available_gb + self.freed_gb
+
+    @property
+    def fits(self) -> bool:
+        budget = self.budget_gb
+        return budget is None or self.needed_gb <= budget
+
+
+def model_weight_bytes(path: Path, adapter: AdapterChoice | None = None) -> int:
+    """Bytes of the weights a load reads: the folder's ``*.safetensors`` and the adapter file."""
+    files = list(path.glob("*.safetensors")) + ([adapter.weights] if adapter is not None else [])
+    total = 0
+    for file in files:
+        try:
+            total += file.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def available_memory_gb(env: Mapping[str, str] | None = None, *, meminfo: Path = Path("/proc/meminfo"),
+                        platform: str = sys.platform) -> tuple[float | None, str]:
+    """(GiB the model may use, where the figure comes from)."""
+    env = os.environ if env is None else env
+    override = env.get(MEMORY_LIMIT_ENV, "").strip()
+    if override:
+        try:
+            return float(override), MEMORY_LIMIT_ENV
+        except ValueError:
+            log.warning("memory_limit_ignored", variable=MEMORY_LIMIT_ENV, value=override)
+    if platform == "darwin":  # unified memory, no MemAvailable: the whole machine
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, "total"
+        except (ValueError, OSError):
+            return None, "unknown"
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GiB, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "unknown"
+
+
+def memory_refusal(check: MemoryCheck, model_name: str, training: TrainingStatusReply | None) -> ForgeError:
+    running = training is not None and check.trainer_gb > 0
+    where = (f" next to the running training run {training.training_id} ({check.trainer_gb:.2f} GiB)"
+             if running else "")
+    message = (f"Not enough memory to load {model_name}{where}: it needs about {check.needed_gb:.2f} GiB "
+               f"(weights {check.model_gb:.2f} GiB x {WEIGHTS_OVERHEAD}"
+               f"{' + the training run' if running else ''}), {check.budget_gb:.2f} GiB available "
+               f"({check.source}{' + the model it replaces' if check.freed_gb else ''})")
+    steps = []
+    if running:
+        steps.append("wait for the training run to finish (or stop it: POST /api/training/stop)")
+    steps.append("load a smaller or quantized model (POST /api/models/quantize: 4-bit is about 1/4 to 1/8 "
+                 "of the size)")
+    steps.append("free memory held by other programs")
+    suggestion = "; ".join(steps)
+    suggestion = suggestion[0].upper() + suggestion[1:] + (
+        f". {MEMORY_LIMIT_ENV} overrides the available-memory figure (a large value turns the guard off).")
+    return ForgeError(ErrorCode.INSUFFICIENT_MEMORY, message, suggestion=suggestion, details={
+        "model_name": model_name, "needed_gb": round(check.needed_gb, 3), "model_gb": round(check.model_gb, 3),
+        "trainer_gb": round(check.trainer_gb, 3), "available_gb": round(check.budget_gb or 0.0, 3),
+        "memory_source": check.source, "training_id": training.training_id if running else None})
 
 
 def _engine() -> Any:
@@ -112,6 +216,7 @@ class InferenceService(Service):
         self._inbox: collections.deque[tuple[Job, LoadedModel]] = collections.deque()
         self._inbox_lock = threading.Lock()
         self._batch_running = False
+        self._trainer: AsyncRpcClient | None = None  # asks the trainer for its memory (memory guard)
 
     async def on_start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -131,17 +236,24 @@ class InferenceService(Service):
         for job in self.jobs.values():
             job.cancel.set()
         await asyncio.to_thread(self.worker.shutdown)
+        if self._trainer is not None:
+            self._trainer.close()
 
     # --- load / unload --------------------------------------------------------------------------
 
-    @handles(ModelLoadRequest)
-    async def load(self, request: ModelLoadRequest, header: Envelope) -> ModelLoadReply:
+    def _refuse_while_loading(self) -> None:
         if self.loading is not None:
             raise ForgeError(ErrorCode.MODEL_LOADING, f"{self.loading[0]} is loading",
                              details={"model_name": self.loading[0]},
                              suggestion="Wait until GET /api/model/status shows loaded, then load again.")
+
+    @handles(ModelLoadRequest)
+    async def load(self, request: ModelLoadRequest, header: Envelope) -> ModelLoadReply:
+        self._refuse_while_loading()
         ref = resolve_model(request.model_name, self.workspace)
         adapter = resolve_adapter(self.workspace, request.adapter_path) if request.adapter_path else None
+        await self._check_memory(ref, adapter, request.model_name, header.correlation_id)
+        self._refuse_while_loading()  # another load may have started while the trainer answered
         self._cancel_all("model replaced")
         self.loaded = None  # the worker frees it before loading the new one
         self.loading = (request.model_name, adapter)
@@ -156,6 +268,34 @@ class InferenceService(Service):
         log.info("model_loading", model_name=request.model_name, path=str(ref.path),
                  adapter=adapter.note if adapter else None)
         return ModelLoadReply(message=message, model_name=request.model_name, adapter_path=request.adapter_path)
+
+    async def _training_status(self, correlation_id: str) -> TrainingStatusReply | None:
+        """The trainer's status, or None when it does not answer within a second."""
+        if self._trainer is None:
+            self._trainer = AsyncRpcClient(self.ctx, bus_address(self.settings, "trainer"), "trainer",
+                                           source=self.name, timeout_s=1.0, read_retries=0)
+        try:
+            reply = await self._trainer.request(TrainingStatusRequest(), correlation_id=correlation_id, timeout=1.0)
+        except BusError as exc:
+            log.info("memory_guard_without_trainer", error=str(exc))
+            return None
+        return reply if isinstance(reply, TrainingStatusReply) else None
+
+    async def _check_memory(self, ref: ModelRef, adapter: AdapterChoice | None, name: str,
+                            correlation_id: str) -> None:
+        """Refuse (INSUFFICIENT_MEMORY) a load that would not fit next to a running training run."""
+        available, source = available_memory_gb()
+        if available is None:
+            return
+        training = await self._training_status(correlation_id)
+        trainer_gb = (training.memory_usage_gb or 0.0) if training is not None and training.is_training else 0.0
+        freed = (await self._memory_gb() or 0.0) if self.loaded is not None and source == "MemAvailable" else 0.0
+        check = MemoryCheck(model_gb=model_weight_bytes(ref.path, adapter) / GiB, trainer_gb=trainer_gb,
+                            available_gb=available, source=source, freed_gb=freed)
+        log.info("memory_check", model_name=name, needed_gb=round(check.needed_gb, 3),
+                 budget_gb=round(check.budget_gb or 0.0, 3), source=source, fits=check.fits)
+        if not check.fits:
+            raise memory_refusal(check, name, training)
 
     def _load_in_worker(self, ref: ModelRef, name: str, adapter: AdapterChoice | None) -> LoadedModel:
         engine = _engine()
