@@ -9,6 +9,7 @@ checkpoint. The service learns the run's progress from the worker's own events o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -40,7 +41,8 @@ from forgellm.schemas import (
 )
 from forgellm.services.base import Service, handles
 from forgellm.services.common.errors import ForgeError
-from forgellm.services.common.process import die_with_parent
+from forgellm.services.common.process import signal_when_parent_dies
+from forgellm.services.common.runs import current_run, read_metrics
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.training import checkpoints as ckpt
 from forgellm.services.training.runs import prepare_run
@@ -90,6 +92,26 @@ class TrainerService(Service):
     async def on_start(self) -> None:
         self.feed = AsyncSubscriber(self.ctx, bus_address(self.settings, "events_out"), ("training.",))
         self._spawn_task(self._follow_events())
+        await self._resume_interrupted()
+
+    async def _resume_interrupted(self) -> None:
+        """A run whose worker stopped because this service died carries an ``interrupted`` event
+        last in its metrics: resume it from its latest checkpoint, under the same training id."""
+        run_dir = await asyncio.to_thread(current_run, self.workspace)
+        if run_dir is None:
+            return
+        events = await asyncio.to_thread(read_metrics, run_dir)
+        ends = [e for e in events if e.get("event") in ("start", "resume", "complete", "error", "interrupted")]
+        latest = ckpt.latest_checkpoint(run_dir)
+        if not ends or ends[-1]["event"] != "interrupted" or latest is None:
+            return
+        config = json.loads((run_dir / "training_config.json").read_text())
+        run = ActiveRun(config["training_id"], config.get("training_type", "cpt"), run_dir,
+                        self.workspace.relative(run_dir), int(config.get("max_iterations", 0)))
+        run.phase = "resuming"
+        self.active = run
+        log.warning("resuming_interrupted_run", training_id=run.training_id, checkpoint=latest)
+        await self._launch(run, str(ckpt.adapter_file(run_dir, latest)))
 
     async def on_stop(self) -> None:
         run = self.active
@@ -136,7 +158,8 @@ class TrainerService(Service):
         if resume_from:
             argv.append(resume_from)
         run.process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, env=os.environ.copy(), preexec_fn=die_with_parent)
+            *argv, stdin=asyncio.subprocess.DEVNULL, env=os.environ.copy(),
+            preexec_fn=signal_when_parent_dies(signal.SIGUSR1))
         run.finished = False
         run.reported_error = False
         self._spawn_task(self._watch(run))

@@ -95,3 +95,34 @@ def test_sigterm_stops_everything_within_10_s(fresh_platform):
     log = fresh_platform.log()
     for name in ("broker", "trainer", "inference", "catalog", "publisher", "gateway"):
         assert f"{name} stopped (exit 0)" in log
+
+
+def test_kill_9_of_the_trainer_service_mid_run_resumes_the_run(fresh_platform):
+    from tests.helpers.tiny_lm import write_corpus, write_tiny_model
+
+    write_tiny_model(fresh_platform.home / "models" / "base" / "tiny")
+    write_corpus(fresh_platform.home / "dataset" / "grammar")
+    fresh_platform.start().wait_healthy()
+    status, reply, _ = http("POST", fresh_platform.web + "/api/training/start", {
+        "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3, "max_seq_length": 64,
+        "max_iterations": 800, "save_every": 50, "steps_per_eval": 50, "early_stopping_patience": 0})
+    assert status == 200, reply
+    fresh_platform.wait_until(lambda h: http("GET", fresh_platform.web + "/api/training/status")[1]
+                              .get("current_iteration", 0) >= 100, 60, "training under way")
+    os.kill(fresh_platform.pid_of("trainer"), signal.SIGKILL)
+    # the worker stops with a checkpoint (its parent-death signal), the supervisor restarts the
+    # trainer, and the new trainer resumes the run under the same id
+    fresh_platform.wait_until(lambda h: http("GET", fresh_platform.web + "/api/training/status")[1]
+                              .get("training_id") == reply["training_id"], 30, "run taken up again")
+    fresh_platform.wait_until(
+        lambda h: http("GET", fresh_platform.web + "/api/training/status")[1].get("phase") == "completed",
+        180, "resumed run completed")
+    final = http("GET", fresh_platform.web + "/api/training/status")[1]
+    assert final["current_iteration"] == 800 and final["training_id"] == reply["training_id"]
+    import json
+
+    events = [json.loads(line) for line in
+              (fresh_platform.home / reply["output_dir"] / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert "interrupted" in kinds and kinds.index("interrupted") < kinds.index("resume")
+    assert [e for e in events if e["event"] == "complete"][-1]["iteration"] == 800

@@ -82,6 +82,7 @@ class Run:
         self.events = events
         self.metrics = Metrics(run_dir)
         self.stop_requested = False
+        self.interrupted = False  # stopping because the trainer service died (SIGUSR1)
         self.iteration = 0
         self.best_val: float | None = None
         self.bad_evals = 0
@@ -342,6 +343,11 @@ class Run:
         from forgellm.services.common.runs import rank_checkpoints
         from forgellm.services.common.workspace import Workspace
 
+        if stopped and self.interrupted:
+            # Our trainer service died: leave the run resumable, not finished. The next trainer
+            # sees this event and resumes from the checkpoint just written.
+            self.metrics.write("interrupted", iteration=self.iteration, reason="the trainer service stopped")
+            return
         best = rank_checkpoints(Workspace(self.run_dir), self.run_dir).best
         reason = stop_reason or ("stopped by request" if stopped else "completed")
         self.metrics.write("complete", iteration=self.iteration, stopped=stopped, reason=reason, best_checkpoints=best)
@@ -394,8 +400,13 @@ def main(argv: list[str]) -> int:
     def request_stop(*_: object) -> None:
         run.stop_requested = True
 
+    def parent_died(*_: object) -> None:
+        run.stop_requested = True
+        run.interrupted = True
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGUSR1, parent_died)  # the trainer sets this as the worker's parent-death signal
     try:
         run.train()
         return 0
