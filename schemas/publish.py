@@ -80,12 +80,10 @@ class ImportGgufRequest(Request, kw_only=True):
 
 
 class PullModelRequest(Request, kw_only=True):
-    """Download a Hub model (safetensors + tokenizer) into ``models/base/<name>``."""
+    """Download a Hub model (safetensors + tokenizer) into the Hugging Face cache."""
 
     repo_id: Annotated[str, msgspec.Meta(min_length=3, max_length=200)]
-    name: str | None = None
     revision: str | None = None
-    force: bool = False
 
 
 class ModelAddedReply(Reply, kw_only=True):

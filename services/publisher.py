@@ -177,11 +177,13 @@ class PublisherService(Service):
 
     @handles(PullModelRequest)
     async def pull(self, request: PullModelRequest, header: Envelope) -> ModelAddedReply:
-        from forgellm.services.modelio.hub import REPO, base_model_dir, pull
+        from forgellm.services.modelio.hub import pull
 
-        if not REPO.fullmatch(request.repo_id):
-            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{request.repo_id!r} is not of the form owner/name",
-                             details={"field": "repo_id"})
-        dest = base_model_dir(self.workspace.base_models, request.name or request.repo_id.split("/", 1)[-1])
-        return await self._add_model(lambda: pull(request.repo_id, dest, revision=request.revision,
-                                                  force=request.force), header, "Downloaded")
+        self.jobs += 1
+        try:
+            snapshot = await asyncio.to_thread(pull, request.repo_id, revision=request.revision)
+        finally:
+            self.jobs -= 1
+        self.publish(PublishComplete(job_id=header.msg_id, published_model_path=str(snapshot)), header.correlation_id)
+        return ModelAddedReply(message=f"Downloaded into the Hugging Face cache: {request.repo_id}",
+                               model_name=request.repo_id, path=str(snapshot))

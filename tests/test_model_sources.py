@@ -20,7 +20,7 @@ def platform():
         from forgellm.services.publishing.derive import export_gguf
 
         export_gguf(source, home / "incoming" / "tiny.gguf")
-        with running_platform(home, HF_HUB_OFFLINE="1") as running:
+        with running_platform(home, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(home / "hf-cache")) as running:
             yield running
 
 
@@ -51,4 +51,4 @@ def test_pull_offline_is_a_clear_error(platform):
     assert "fetch-demo" in body["suggestion"]
     got, body, _ = http("POST", platform.web + "/api/models/pull", {"repo_id": "not a repo"})
     assert got == 400 and body["details"]["field"] == "repo_id"
-    assert not list((platform.home / "models" / "base").glob(".*pulling*"))  # nothing half-downloaded
+    assert not list((platform.home / "hf-cache").glob("models--*/snapshots/*/config.json"))  # nothing fake

@@ -88,21 +88,18 @@ def import_gguf_cmd(path: Path, name: str | None, force: bool) -> None:
 
 @models.command("pull")
 @click.argument("repo_id")
-@click.option("--name", help="Folder name under models/base (default: the repository name).")
 @click.option("--revision", default=None, help="Branch, tag or commit.")
-@click.option("--force", is_flag=True, help="Replace an existing model of that name.")
-def pull_cmd(repo_id: str, name: str | None, revision: str | None, force: bool) -> None:
-    """Download a model from the Hugging Face Hub (safetensors + tokenizer files)."""
+def pull_cmd(repo_id: str, revision: str | None) -> None:
+    """Download a model from the Hugging Face Hub into its cache (safetensors + tokenizer files)."""
     from forgellm.services.common.errors import ForgeError
-    from forgellm.services.modelio.hub import base_model_dir, pull
+    from forgellm.services.modelio.hub import pull
 
     try:
-        dest = base_model_dir(_workspace() / "models" / "base", name or repo_id.split("/", 1)[-1])
         # huggingface_hub shows its own per-file progress bars on stderr.
-        out = pull(repo_id, dest, revision=revision, force=force)
+        snapshot = pull(repo_id, revision=revision)
     except ForgeError as exc:
         raise click.ClickException(str(exc) + (f"\n{exc.suggestion}" if exc.suggestion else "")) from None
-    click.echo(f"Downloaded: {out}")
+    click.echo(f"Downloaded: {snapshot}\nUse it as --model {repo_id}")
 
 
 __all__ = ["models"]

@@ -1,12 +1,11 @@
-"""Download a model from the Hugging Face Hub into ``models/base/<name>`` (safetensors and
-tokenizer files only), all or nothing: into a hidden folder, renamed when complete."""
+"""Download a model from the Hugging Face Hub into the Hugging Face cache (safetensors and
+tokenizer files only, never code), where the catalog lists it under ``cached_models`` and every
+endpoint finds it by its Hub id. huggingface_hub writes each file to a temporary name first, so
+an interrupted download never leaves a file that looks complete."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from forgellm.schemas import ErrorCode
@@ -29,14 +28,11 @@ def base_model_dir(models_base: Path, name: str, field: str = "name") -> Path:
     return models_base / name
 
 
-def pull(repo_id: str, dest: Path, *, revision: str | None = None, force: bool = False) -> Path:
-    """``snapshot_download`` into ``dest``; every failure is a ForgeError with a suggestion."""
+def pull(repo_id: str, *, revision: str | None = None) -> Path:
+    """``snapshot_download`` into the HF cache; every failure is a ForgeError with a suggestion."""
     if not REPO.fullmatch(repo_id):
         raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id!r} is not of the form owner/name",
                          details={"field": "repo_id"})
-    if dest.exists() and not force:
-        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{dest.name} already exists in models/base",
-                         details={"field": "name"}, suggestion="Choose another name, or replace it (--force).")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -45,35 +41,25 @@ def pull(repo_id: str, dest: Path, *, revision: str | None = None, force: bool =
         RevisionNotFoundError,
     )
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pulling-", dir=dest.parent))
     try:
-        try:
-            snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=PULL_PATTERNS)
-        except GatedRepoError:
-            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} is gated",
-                             suggestion="Accept its licence on the Hub and log in (`hf auth login`).") from None
-        except RepositoryNotFoundError:
-            raise ForgeError(ErrorCode.MODEL_NOT_FOUND, f"{repo_id} was not found on the Hub",
-                             details={"model_name": repo_id},
-                             suggestion="Check the id; a private repository needs `hf auth login`.") from None
-        except RevisionNotFoundError:
-            raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} has no revision {revision!r}",
-                             details={"field": "revision"}) from None
-        except LocalEntryNotFoundError:
-            raise ForgeError(ErrorCode.OFFLINE, f"Cannot reach the Hugging Face Hub to download {repo_id}",
-                             suggestion=OFFLINE_HINT) from None
-        except Exception as exc:  # network stacks raise their own types: never a traceback
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ForgeError(ErrorCode.OFFLINE, f"Download of {repo_id} failed: {first}",
-                             suggestion=OFFLINE_HINT) from None
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        if not (tmp / "config.json").is_file():
-            raise ForgeError(ErrorCode.INVALID_REQUEST,
-                             f"{repo_id} has no config.json: not a transformers/MLX model repository")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=PULL_PATTERNS))
+    except GatedRepoError:
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} is gated",
+                         suggestion="Accept its licence on the Hub and log in (`hf auth login`).") from None
+    except RepositoryNotFoundError:
+        raise ForgeError(ErrorCode.MODEL_NOT_FOUND, f"{repo_id} was not found on the Hub",
+                         details={"model_name": repo_id},
+                         suggestion="Check the id; a private repository needs `hf auth login`.") from None
+    except RevisionNotFoundError:
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} has no revision {revision!r}",
+                         details={"field": "revision"}) from None
+    except LocalEntryNotFoundError:
+        raise ForgeError(ErrorCode.OFFLINE, f"Cannot reach the Hugging Face Hub to download {repo_id}",
+                         suggestion=OFFLINE_HINT) from None
+    except Exception as exc:  # network stacks raise their own types: never a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ForgeError(ErrorCode.OFFLINE, f"Download of {repo_id} failed: {first}", suggestion=OFFLINE_HINT) from None
+    if not (snapshot / "config.json").is_file():
+        raise ForgeError(ErrorCode.INVALID_REQUEST,
+                         f"{repo_id} has no config.json: not a transformers/MLX model repository")
+    return snapshot
