@@ -57,10 +57,14 @@ def test_request_id_is_echoed_generated_and_reaches_the_service(platform):
     assert re.match(r"^[0-9a-f]{16}$", headers["X-Request-ID"])
     _, _, headers = http("GET", platform.web + "/api/training/status", headers={"X-Request-ID": "bad id\twith space"})
     assert headers["X-Request-ID"] != "bad id\twith space"
-    trainer_lines = [json.loads(line.split("| ", 1)[1]) for line in platform.log().splitlines()
-                     if line.split(" ", 2)[1:2] == ["trainer"] and "| {" in line]
-    assert any(line.get("correlation_id") == "test-abc-123" and line["event"] == "request_handled"
-               for line in trainer_lines)
+
+    def handled_by_trainer(_health) -> bool:  # the supervisor writes the trainer's log line a moment later
+        lines = [json.loads(line.split("| ", 1)[1]) for line in platform.log().splitlines()
+                 if line.split(" ", 2)[1:2] == ["trainer"] and "| {" in line]
+        return any(line.get("correlation_id") == "test-abc-123" and line["event"] == "request_handled"
+                   for line in lines)
+
+    platform.wait_until(handled_by_trainer, 10, "the trainer's log line with the request id")
 
 
 def test_training_status_when_idle(platform):

@@ -28,8 +28,8 @@ from forgellm.schemas import (
 from tests.helpers.procs import isolated_env, start_process
 
 
-def wait_for_ping(address: str, service: str, timeout: float = 20) -> PingReply:
-    client = RpcClient(address, service, timeout_s=1, read_retries=0)
+def wait_for_ping(address: str, service: str, timeout: float = 20, answer_within: float = 1.0) -> PingReply:
+    client = RpcClient(address, service, timeout_s=answer_within, read_retries=0)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -111,7 +111,7 @@ async def test_sigterm_finishes_the_request_in_hand(short_tmp):
     proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, str(helper)], env=isolated_env(short_tmp))
     try:
         address = bus_address(settings, "publisher")
-        await asyncio.to_thread(wait_for_ping, address, "publisher")
+        await asyncio.to_thread(wait_for_ping, address, "publisher", 20, 5.0)  # its ping takes 1 s
         (short_tmp / "in_handler").unlink()
         ctx = zmq.asyncio.Context()
         client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5)
