@@ -1,0 +1,98 @@
+// Line charts on uPlot (vendor/uPlot.iife.min.js, window.uPlot): sized to their container,
+// redrawn at most every 200 ms however fast data arrives.
+
+const AXIS = "#8a93a3";
+const GRID = "rgba(128, 128, 128, 0.18)";
+
+export function cssColor(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim() || "#2f5bd3";
+}
+
+export const PALETTE = ["#2f5bd3", "#e0662b", "#1e8a4c", "#8e44ad", "#c0392b", "#16a2b8", "#b7791f", "#5d6778"];
+
+/** A compact number for axis ticks: 0.00012 -> 1.2e-4, 12345 -> 12.3k. */
+export function tick(v) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  if (a === 0) return "0";
+  if (a >= 1e6) return `${+(v / 1e6).toFixed(2)}M`;
+  if (a >= 1e4) return `${+(v / 1e3).toFixed(1)}k`;
+  if (a >= 1) return `${+v.toFixed(2)}`;
+  if (a >= 0.01) return `${+v.toFixed(3)}`;
+  return v.toExponential(1);
+}
+
+export class LineChart {
+  /**
+   * series: [{label, color, dash?, points?: "only" | true, width?}]
+   * fmt: value formatter for the legend; yTick: axis tick formatter.
+   */
+  constructor(container, { series, height = 220, fmt = (v) => tick(v), yTick = tick, xLabel = "iteration", yLabel = "", ySize = 58 }) {
+    this.container = container;
+    this.height = height;
+    this.data = [[], ...series.map(() => [])];
+    this.pending = false;
+    this.lastDraw = 0;
+    const opts = {
+      width: Math.max(container.clientWidth, 300),
+      height,
+      scales: { x: { time: false } },
+      legend: { live: true },
+      cursor: { drag: { x: true, y: false } },
+      axes: [
+        { stroke: AXIS, grid: { stroke: GRID }, ticks: { stroke: GRID }, label: xLabel, labelSize: 18,
+          incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2500, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6] },
+        { stroke: AXIS, grid: { stroke: GRID }, ticks: { stroke: GRID }, size: ySize,
+          values: (u, vals) => vals.map(yTick), label: yLabel, labelSize: yLabel ? 18 : 0 },
+      ],
+      series: [
+        { label: xLabel, value: (u, v) => (v === null || v === undefined ? "—" : String(v)) },
+        ...series.map((s) => {
+          const onlyPoints = s.points === "only";
+          return {
+            label: s.label,
+            stroke: s.color,
+            width: s.width ?? (onlyPoints ? 0 : 2),
+            dash: s.dash,
+            spanGaps: true,
+            value: (u, v) => (v === null || v === undefined ? "—" : fmt(v)),
+            points: onlyPoints
+              ? { show: true, size: s.size ?? 9, width: 2, stroke: s.color, fill: s.fill ?? s.color, space: 0 }
+              : { show: s.points === true, size: 5, space: 0 },
+            ...(onlyPoints ? { paths: () => null } : {}),
+          };
+        }),
+      ],
+    };
+    this.plot = new window.uPlot(opts, this.data, container);
+    this.observer = new ResizeObserver(() => this.resize());
+    this.observer.observe(container);
+  }
+
+  resize() {
+    const width = this.container.clientWidth;
+    if (width > 0 && Math.abs(width - this.plot.width) > 1) this.plot.setSize({ width, height: this.height });
+  }
+
+  /** data: [xs, ys1, ys2, ...]; drawn now or within 200 ms. */
+  setData(data) {
+    this.data = data;
+    if (this.pending) return;
+    const wait = Math.max(0, 200 - (performance.now() - this.lastDraw));
+    this.pending = true;
+    setTimeout(() => {
+      this.pending = false;
+      this.lastDraw = performance.now();
+      this.plot.setData(this.data);
+      this.container.dataset.points = String(this.data[0].length);
+    }, wait);
+  }
+
+  /** Number of x values currently drawn (used by tests through data-points). */
+  get points() { return this.plot.data[0]?.length || 0; }
+
+  destroy() {
+    this.observer.disconnect();
+    this.plot.destroy();
+  }
+}

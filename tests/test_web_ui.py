@@ -1,0 +1,326 @@
+"""The web UI: file serving that refuses every way out of its folders (plain aiohttp), and the
+whole UI in headless Chromium (Debian's ``chromium`` driven by Playwright) against a real platform
+with a tiny llama: start a run from the form, watch the loss chart grow live, reload and see the
+same curve, stop, publish a checkpoint, chat with the published model while tokens stream.
+Screenshots of every view go to ``$FORGELLM_ARTIFACTS`` (default ``tests/artifacts/``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from forgellm.gateway.errors import request_context
+from forgellm.gateway.static import add_web_routes
+from tests.helpers.procs import http, running_platform
+
+CHROMIUM = os.environ.get("FORGELLM_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("FORGELLM_ARTIFACTS") or Path(__file__).parent / "artifacts")
+
+# --- serving files (no browser) -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def files_client(tmp_path):
+    published = tmp_path / "models" / "published" / "run_0000040_x"
+    published.mkdir(parents=True)
+    (published / "README.md").write_text("---\nbase_model: tiny\n---\n# card\n")
+    (published / "training_dashboard.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    (published / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "secret.md").write_text("outside the published folder")
+    (published / "leak.md").symlink_to(tmp_path / "secret.md")
+    (tmp_path / "models" / "published" / ".tmp_building").mkdir()
+    (tmp_path / "models" / "published" / ".tmp_building" / "README.md").write_text("half-built")
+    app = web.Application(middlewares=[request_context])
+    add_web_routes(app, tmp_path)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    yield client
+    await client.close()
+
+
+async def test_ui_files_are_served_with_cache_headers(files_client):
+    index = await files_client.get("/")
+    assert index.status == 200 and "text/html" in index.headers["Content-Type"]
+    assert "default-src 'self'" in index.headers["Content-Security-Policy"]
+    assert index.headers["Cache-Control"] == "no-cache"
+    assert '<script type="module" src="/static/app.js">' in await index.text()
+    app_js = await files_client.get("/static/app.js")
+    assert app_js.status == 200 and "javascript" in app_js.headers["Content-Type"]
+    etag = app_js.headers["ETag"]
+    again = await files_client.get("/static/app.js", headers={"If-None-Match": etag})
+    assert again.status == 304
+    vendor = await files_client.get("/static/vendor/socket.io.min.js")
+    assert vendor.status == 200 and "max-age=86400" in vendor.headers["Cache-Control"]
+    assert (await files_client.get("/static/vendor/LICENSE.uplot.txt")).status == 200
+    card = await files_client.get("/api/published/run_0000040_x/README.md")
+    assert card.status == 200 and card.headers["Content-Type"].startswith("text/markdown")
+    assert "base_model: tiny" in await card.text()
+    png = await files_client.get("/api/published/run_0000040_x/training_dashboard.png")
+    assert png.status == 200 and png.headers["Content-Type"] == "image/png"
+
+
+@pytest.mark.parametrize("path", [
+    "/static/../../etc/passwd",
+    "/static/../static.py",
+    "/static/%2e%2e/%2e%2e/etc/passwd",
+    "/static/..%2f..%2fetc%2fpasswd",
+    "/static/vendor/..%2F..%2Fstatic.py",
+    "/static/%2Fetc%2Fpasswd",
+    "/static/..\\..\\etc\\passwd",
+    "/static/.hidden.js",
+    "/static/vendor/%00.js",
+    "/api/published/../../../etc/passwd",
+    "/api/published/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/api/published/run_0000040_x/../../../secret.md",
+    "/api/published/run_0000040_x/leak.md",  # a symlink out of models/published
+    "/api/published/.tmp_building/README.md",  # a half-built (hidden) folder
+    "/api/published/run_0000040_x/model.safetensors",  # only .png and .md
+    "/api/published//etc/passwd.md",
+])
+async def test_paths_outside_the_folders_are_refused(files_client, path):
+    response = await files_client.get(URL(path, encoded=True), allow_redirects=False)
+    body = await response.text()
+    assert response.status in (403, 404), (path, response.status, body)
+    assert "root:" not in body and "outside the published folder" not in body and "half-built" not in body
+    assert '"success":false' in body
+
+
+async def test_missing_files_are_404(files_client):
+    assert (await files_client.get("/static/nope.js")).status == 404
+    assert (await files_client.get("/api/published/run_0000040_x/nope.png")).status == 404
+
+
+# --- the UI in Chromium --------------------------------------------------------------------------
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (scripts/bootstrap)")
+
+RUN_FIELDS = {"max_iterations": "100000", "batch_size": "4", "max_seq_length": "64", "learning_rate": "0.002",
+              "warmup_steps": "5", "steps_per_report": "10", "save_every": "200", "steps_per_eval": "200"}
+
+
+@pytest.fixture(scope="module")
+def ui_platform():
+    from tests.helpers.tiny_lm import write_corpus, write_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="fl-") as name:
+        home = Path(name)
+        write_tiny_model(home / "models" / "base" / "tiny")
+        write_corpus(home / "dataset" / "grammar")
+        with running_platform(home) as running:
+            yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+class Console:
+    """Every console error, failed resource load and uncaught exception of a page."""
+
+    def __init__(self, page) -> None:
+        self.errors: list[str] = []
+        self.allowed: list[str] = []
+        page.on("console", lambda m: m.type in ("error", "warning") and self.errors.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+
+    def unexpected(self) -> list[str]:
+        return [e for e in self.errors if not any(re.search(a, e) for a in self.allowed)]
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def points(page) -> int:
+    return int(page.get_attribute("#chart-loss", "data-points") or 0)
+
+
+def wait_points(page, more_than: int, timeout: float = 30) -> int:
+    page.wait_for_function("n => Number(document.querySelector('#chart-loss').dataset.points || 0) > n",
+                           arg=more_than, timeout=timeout * 1000)
+    return points(page)
+
+
+@needs_chromium
+def test_train_watch_reload_stop_publish_chat(ui_platform, browser):
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    console = Console(page)
+    page.goto(ui_platform.web + "/#train")
+    page.wait_for_selector("#f-model_name option[value='tiny']", state="attached")
+    page.wait_for_selector("#f-dataset option[value='grammar']", state="attached")
+    # The form carries the server's defaults.
+    assert page.input_value("#f-lr_schedule") == "cosine" and page.input_value("#f-lora_rank") == "8"
+    page.select_option("#f-model_name", "tiny")
+    page.select_option("#f-dataset", "grammar")
+    for name, value in RUN_FIELDS.items():
+        page.fill(f"#f-{name}", value)
+    page.wait_for_timeout(300)  # the lr preview redraws within 200 ms
+    shot(page, "train")
+    page.click("#train-start")
+
+    # Live: the Monitor view, its chart growing from Socket.IO updates (no reload).
+    page.wait_for_selector("#view-monitor:not([hidden])")
+    first = wait_points(page, 2)
+    grown = wait_points(page, first + 3)
+    assert grown > first
+    page.wait_for_function("() => document.querySelector('#mon-phase').textContent === 'training'")
+    assert page.is_enabled("#mon-stop")
+
+    # Reload mid-run: the whole curve again, then still live.
+    before = wait_points(page, grown)
+    page.reload()
+    after = wait_points(page, before - 1)
+    assert after >= before
+    wait_points(page, after)
+    shot(page, "monitor")
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.wait_for_timeout(400)
+    shot(page, "monitor-narrow")
+    page.set_viewport_size({"width": 1366, "height": 900})
+
+    # Stop: the run ends with a final checkpoint, shown in the table.
+    page.click("#mon-stop")
+    page.wait_for_function("() => document.querySelector('#mon-phase').textContent === 'stopped'", timeout=60_000)
+    page.wait_for_selector("[data-testid=checkpoints] tr.best button")
+    assert page.is_disabled("#mon-stop")
+
+    # Publish the best checkpoint.
+    page.click("[data-testid=checkpoints] tr.best button")
+    page.wait_for_selector("[data-testid=published]", timeout=120_000)
+    published = page.text_content("[data-testid=published] code")
+    assert published.startswith("published/tiny_")
+    page.click("[data-testid=published] button:has-text('Model card')")
+    page.wait_for_selector("#viewer-body pre")
+    assert "base_model" in page.text_content("#viewer-body pre")
+    page.click("#viewer-close")
+
+    # Chat with it: load, then watch tokens arrive one stream chunk after another.
+    page.click("[data-testid=published] button:has-text('Chat with it')")
+    page.wait_for_function("name => document.querySelector('#chat-server').textContent.includes('Loaded: ' + name)",
+                           arg=published, timeout=60_000)
+    page.fill("#chat-max_tokens", "120")
+    page.fill("#chat-temperature", "1.0")
+    page.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const bubbles = document.querySelectorAll('[data-testid=assistant] .text');
+            if (bubbles.length) window.__lengths.push([bubbles.length, bubbles[bubbles.length - 1].textContent.length]);
+        }).observe(document.querySelector('#chat-panes'), {subtree: true, childList: true, characterData: true});
+    }""")
+    # A briefly trained tiny model may end its answer at once (EOS first): ask again, up to 4 times.
+    for attempt in range(1, 5):
+        page.fill("#chat-input", "The heron crosses")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector(f"[data-testid=assistant] >> nth={attempt - 1}", state="attached")
+        page.wait_for_function("n => document.querySelectorAll('[data-testid=assistant][data-done=true]').length >= n",
+                               arg=attempt, timeout=60_000)
+        answer = page.locator("[data-testid=assistant]").nth(attempt - 1)
+        stats = answer.locator(".stats-line").text_content()
+        assert re.search(r"\d+ tokens · [\d.]+ tok/s · first token [\d.]+ s", stats), stats
+        lengths = {length for n, length in page.evaluate("window.__lengths") if n == attempt}
+        if int(stats.split(" ")[0]) >= 3:
+            break
+    assert len(lengths - {0}) >= 2, (lengths, stats)  # the text grew in several steps: it streamed
+    assert answer.locator(".text").text_content().strip()
+    shot(page, "chat")
+    assert not console.unexpected(), console.errors
+    page.close()
+
+
+@needs_chromium
+def test_views_errors_and_compare(ui_platform, browser):
+    # A second, short run so that two runs can be compared.
+    status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
+        "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64, "max_iterations": 30,
+        "learning_rate": 0.001, "steps_per_report": 5, "save_every": 15, "steps_per_eval": 15})
+    if status == 409:  # the first test's run is still stopping
+        time.sleep(3)
+        status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
+            "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64,
+            "max_iterations": 30, "learning_rate": 0.001, "steps_per_report": 5, "save_every": 15,
+            "steps_per_eval": 15})
+    assert status == 200, body
+    deadline = time.monotonic() + 60
+    while http("GET", ui_platform.web + "/api/training/status")[1]["is_training"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    console = Console(page)
+
+    # Train: a value the server refuses shows inline, with the error and its suggestion.
+    page.goto(ui_platform.web + "/#train")
+    page.wait_for_selector("#f-dataset option[value='grammar']", state="attached")
+    page.select_option("#f-dataset", "grammar")
+    page.fill("#f-batch_size", "0")
+    console.allowed.append(r"status of 400")  # Chromium logs the refused request itself
+    page.click("#train-start")
+    page.wait_for_selector("#err-batch_size:not(:empty)")
+    assert page.get_attribute("#f-batch_size", "aria-invalid") == "true"
+    box = page.text_content("#train-error .error-box")
+    assert "batch_size" in box and "Suggestion" in box and "INVALID_REQUEST" in box
+    shot(page, "train-error")
+
+    # Runs: both runs with a best validation loss; compare their curves.
+    page.goto(ui_platform.web + "/#runs")
+    page.wait_for_selector("[data-testid=runs] tbody tr:nth-child(2)")
+    rows = page.locator("[data-testid=runs] tbody tr")
+    assert rows.count() >= 2
+    assert re.search(r"\d\.\d{4} @ \d+", rows.nth(0).text_content())
+    page.check("[data-testid=runs] tbody tr:nth-child(1) .run-pick")
+    page.check("[data-testid=runs] tbody tr:nth-child(2) .run-pick")
+    page.click("#runs-compare")
+    page.wait_for_function("() => Number(document.querySelector('#chart-compare').dataset.points || 0) > 2")
+    assert "Dashboard" in page.text_content("[data-testid=runs]")  # the published run links its PNG
+    shot(page, "runs")
+    page.click("[data-testid=runs] button:has-text('Dashboard')")
+    page.wait_for_function("() => document.querySelector('#viewer-body img')?.naturalWidth > 100")
+    shot(page, "dashboard-png")
+    page.click("#viewer-close")
+
+    # Models: every list, the published model among them, the server's state.
+    page.goto(ui_platform.web + "/#models")
+    page.wait_for_selector("[data-testid^=models-published] tbody tr")
+    page.wait_for_function("() => /loaded|loading/.test(document.querySelector('#server-status').textContent)")
+    shot(page, "models")
+
+    # Datasets: sizes and token estimates, and into a folder.
+    page.goto(ui_platform.web + "/#datasets")
+    page.wait_for_selector("[data-testid=datasets] button:has-text('grammar/')")
+    assert "4,458" in page.text_content("[data-testid=datasets]") or "tokens" in page.text_content("#ds-table")
+    shot(page, "datasets")
+    page.click("[data-testid=datasets] button:has-text('grammar/')")
+    page.wait_for_selector("[data-testid=datasets] td:has-text('doc000.txt')")
+
+    # Monitor of a finished run, and chat side by side.
+    page.goto(ui_platform.web + "/#chat")
+    page.check("#chat-sbs")
+    page.wait_for_selector("#chat-b:not([hidden])")
+    shot(page, "chat-side-by-side")
+    assert not console.unexpected(), console.errors
+    page.close()
+
+
+def test_artifacts_folder_is_ignored_by_git():
+    root = Path(__file__).parent.parent
+    if shutil.which("git") and (root / ".git").exists():
+        assert "tests/artifacts/" in (root / ".gitignore").read_text()
