@@ -8,7 +8,7 @@
    * direct: ``mlx_lm.stream_generate`` (what ``mlx_lm.generate`` runs) in this process;
    * REST: ``POST /api/model/generate`` with ``"streaming": true`` (NDJSON), and
      ``POST /v1/chat/completions`` with ``"stream": true`` (SSE), read as a client would.
-   Time to first token = from the call / the request being sent to the first token in hand;
+   Time to first token = from the call / the request being sent to the first text in hand;
    tokens/s = generated tokens / the whole call (prefill included), the same for all three.
    Target: REST >= 0.95 x direct.
 2. Aggregate tokens/s through REST with 1, 8 and 16 concurrent requests (different prompts,
@@ -70,7 +70,7 @@ class Direct:
         first, count, eos = None, 0, set(self.tokenizer.eos_token_ids)
         for response in stream_generate(self.model, self.tokenizer, text, max_tokens=max_tokens,
                                         sampler=make_sampler(temp=0.0)):
-            if first is None:
+            if first is None and response.text:  # the first text a client could show, as through REST
                 first = time.perf_counter()
             if response.finish_reason is None or response.token not in eos:
                 count += 1

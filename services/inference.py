@@ -5,8 +5,9 @@
   rest (an error carries a suggestion and stays in status until the next load).
 * ``GenerateRequest`` runs on the same worker thread with continuous batching
   (``generation.batching``): requests join the running batch as they arrive and leave it when
-  done, so concurrent requests share each forward pass. A request with a ``seed`` runs alone
-  (one MLX random state), after the batch in hand. The event loop stays free: heartbeats,
+  done, so concurrent requests share each forward pass (a burst that finds the batch idle is
+  gathered for up to 60 ms first, so its prompts are prefilled together). A request with a
+  ``seed`` runs alone (one MLX random state), after the batch in hand. The event loop stays free: heartbeats,
   status and cancels are answered while a model generates. A streaming request answers
   ``GenerateChunk`` frames then the final ``GenerateReply``. ``GenerateCancelRequest`` stops a
   queued or running generation between two tokens (the gateway sends it when its HTTP client
@@ -79,6 +80,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("inference")
 
+
+# A burst of concurrent requests is gathered before its prefill (``_gather_burst``).
+GATHER_QUIET_S = 0.01
+GATHER_MAX_S = 0.06
+MAX_GATHER = 16  # the batch's size (generation.batching.MAX_BATCH)
 
 GiB = 1024**3
 MEMORY_LIMIT_ENV = "FORGELLM_INFERENCE_MEMORY_LIMIT_GB"
@@ -508,6 +514,8 @@ class InferenceService(Service):
         engine = _engine()
         from forgellm.services.generation.batching import BatchItem
 
+        if idle:
+            self._gather_burst()
         with self._inbox_lock:
             arrived = []
             while self._inbox and self._inbox[0][1] is loaded:
@@ -542,6 +550,23 @@ class InferenceService(Service):
                 on_text=(lambda text, job=job: job.emit("text", text)) if request.streaming else None,
                 on_done=lambda result, job=job: job.emit("done", result), should_stop=job.cancel.is_set))
         return items
+
+    def _gather_burst(self) -> None:
+        """MLX thread, batch idle: let a burst of concurrent requests arrive before the prefill, so
+        they are prefilled together. Each prompt that joins a running batch stalls every sequence
+        for its own prefill: measured on SmolLM2-135M, 8 requests arriving one per step gave about
+        half the tokens/s of the same 8 arriving at once. Waits until no request arrived for
+        ``GATHER_QUIET_S`` (a lone request pays just that), at most ``GATHER_MAX_S``."""
+        began = last = time.perf_counter()
+        seen = len(self._inbox)
+        while seen and seen < MAX_GATHER:
+            time.sleep(0.002)
+            now = time.perf_counter()
+            count = len(self._inbox)
+            if count != seen:
+                seen, last = count, now
+            elif now - last >= GATHER_QUIET_S or now - began >= GATHER_MAX_S:
+                return
 
     def _restart_batch(self) -> None:
         with self._inbox_lock:
