@@ -148,13 +148,14 @@ export function fmtTokens(v) {
   return fmtInt(v);
 }
 /** A size given in GB (as the API reports them). */
-export function fmtGb(gb) {
+export function fmtGb(gb, digits) {
   if (gb === null || gb === undefined) return "—";
   const bytes = gb * 1024 ** 3;
+  const f = (v, d) => (digits ? String(+v.toPrecision(digits + 1)) : v.toFixed(d));
   if (bytes < 1024) return `${Math.round(bytes)} B`;
-  if (bytes < 1024 ** 2) return `${(bytes / 1024).toFixed(1)} KB`;
-  if (bytes < 1024 ** 3) return `${(bytes / 1024 ** 2).toFixed(1)} MB`;
-  return `${gb.toFixed(2)} GB`;
+  if (bytes < 1024 ** 2) return `${f(bytes / 1024, 1)} KB`;
+  if (bytes < 1024 ** 3) return `${f(bytes / 1024 ** 2, 1)} MB`;
+  return `${f(gb, 2)} GB`;
 }
 export const fmtMb = (mb) => (mb === null || mb === undefined ? "—" : fmtGb(mb / 1024));
 export function fmtEta(minutes) {

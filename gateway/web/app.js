@@ -17,6 +17,7 @@ window.addEventListener("unhandledrejection", (event) => {
   toast(errorBox(event.reason, "Unexpected error"), "error");
 });
 window.addEventListener("error", (event) => {
+  if (/ResizeObserver loop/.test(event.message || "")) return;  // benign: a chart resized within a frame
   toast(errorBox(event.error || event.message, "Unexpected error"), "error");
 });
 

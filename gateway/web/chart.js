@@ -10,16 +10,24 @@ export function cssColor(name) {
 
 export const PALETTE = ["#2f5bd3", "#e0662b", "#1e8a4c", "#8e44ad", "#c0392b", "#16a2b8", "#b7791f", "#5d6778"];
 
-/** A compact number for axis ticks: 0.00012 -> 1.2e-4, 12345 -> 12.3k. */
-export function tick(v) {
+/** A compact number with ``digits`` significant digits: 0.00012 -> 1.2e-4, 12345 -> 12.3k. */
+export function tick(v, digits = 2) {
   if (v === null || v === undefined) return "";
   const a = Math.abs(v);
   if (a === 0) return "0";
-  if (a >= 1e6) return `${+(v / 1e6).toFixed(2)}M`;
-  if (a >= 1e4) return `${+(v / 1e3).toFixed(1)}k`;
-  if (a >= 1) return `${+v.toFixed(2)}`;
-  if (a >= 0.01) return `${+v.toFixed(3)}`;
-  return v.toExponential(1);
+  if (a >= 1e6) return `${+(v / 1e6).toPrecision(digits + 1)}M`;
+  if (a >= 1e4) return `${+(v / 1e3).toPrecision(digits + 1)}k`;
+  if (a >= 0.01) return `${+v.toPrecision(digits + 1)}`;
+  return v.toExponential(digits - 1);
+}
+
+/** Tick labels with just enough digits to tell neighbours apart. */
+function distinct(vals, format) {
+  let labels = vals.map((v) => format(v, 2));
+  for (let digits = 3; digits <= 6 && new Set(labels).size < vals.length; digits++) {
+    labels = vals.map((v) => format(v, digits));
+  }
+  return labels;
 }
 
 export class LineChart {
@@ -27,7 +35,7 @@ export class LineChart {
    * series: [{label, color, dash?, points?: "only" | true, width?}]
    * fmt: value formatter for the legend; yTick: axis tick formatter.
    */
-  constructor(container, { series, height = 220, fmt = (v) => tick(v), yTick = tick, xLabel = "iteration", yLabel = "", ySize = 58 }) {
+  constructor(container, { series, height = 220, fmt = (v) => tick(v, 4), yTick = tick, xLabel = "iteration", yLabel = "", ySize = 58 }) {
     this.container = container;
     this.height = height;
     this.data = [[], ...series.map(() => [])];
@@ -43,7 +51,7 @@ export class LineChart {
         { stroke: AXIS, grid: { stroke: GRID }, ticks: { stroke: GRID }, label: xLabel, labelSize: 18,
           incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2500, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6] },
         { stroke: AXIS, grid: { stroke: GRID }, ticks: { stroke: GRID }, size: ySize,
-          values: (u, vals) => vals.map(yTick), label: yLabel, labelSize: yLabel ? 18 : 0 },
+          values: (u, vals) => distinct(vals, yTick), label: yLabel, labelSize: yLabel ? 18 : 0 },
       ],
       series: [
         { label: xLabel, value: (u, v) => (v === null || v === undefined ? "—" : String(v)) },
@@ -65,7 +73,8 @@ export class LineChart {
       ],
     };
     this.plot = new window.uPlot(opts, this.data, container);
-    this.observer = new ResizeObserver(() => this.resize());
+    // Resize on the next frame: resizing inside the observer's callback would loop.
+    this.observer = new ResizeObserver(() => requestAnimationFrame(() => this.resize()));
     this.observer.observe(container);
   }
 

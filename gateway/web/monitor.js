@@ -31,7 +31,7 @@ export function prepare() {
   charts.lr = new LineChart($("#chart-lr"), { series: [{ label: "lr", color: cssColor("--train") }], fmt: fmtLr });
   charts.tps = new LineChart($("#chart-tps"), { series: [{ label: "tokens/s", color: cssColor("--ok") }] });
   charts.mem = new LineChart($("#chart-mem"), {
-    series: [{ label: "memory", color: cssColor("--ckpt") }], fmt: fmtGb, yTick: (v) => (v ? fmtGb(v) : "0"), ySize: 76,
+    series: [{ label: "memory", color: cssColor("--ckpt") }], fmt: fmtGb, yTick: (v, digits) => (v ? fmtGb(v, digits) : "0"), ySize: 76,
   });
   $("#mon-stop").addEventListener("click", stop);
 }
