@@ -111,10 +111,10 @@ async def test_sigterm_finishes_the_request_in_hand(short_tmp):
     proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, str(helper)], env=isolated_env(short_tmp))
     try:
         address = bus_address(settings, "publisher")
+        ctx = zmq.asyncio.Context()
+        client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5)  # connects in the background meanwhile
         await asyncio.to_thread(wait_for_ping, address, "publisher", 20, 5.0)  # its ping takes 1 s
         (short_tmp / "in_handler").unlink()
-        ctx = zmq.asyncio.Context()
-        client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5)
         pending = asyncio.ensure_future(client.request(PingRequest()))
         marker = short_tmp / "in_handler"
         deadline = time.monotonic() + 10

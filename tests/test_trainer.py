@@ -214,12 +214,13 @@ async def test_kill_9_of_the_worker_is_reported_and_resumed(trainer):
     os.kill(worker, signal.SIGKILL)
     killed = time.monotonic()
     slowest = 0.0
-    while not errors and time.monotonic() - killed < 5:
+    while not errors and time.monotonic() - killed < 10:  # waits longer than the 3 s it must take
         asked = time.monotonic()
         await asyncio.to_thread(http, "GET", trainer.web + "/api/training/status")
         slowest = max(slowest, time.monotonic() - asked)
         await asyncio.sleep(0.05)
-    assert errors and errors[0][0] - killed < 3.0
+    assert errors, "no training_error within 10 s"
+    assert errors[0][0] - killed < 3.0
     error = errors[0][1]
     assert "SIGKILL" in error["error"] and "memory" in error["suggestion"]
     assert slowest < 0.1  # the service answered status throughout
