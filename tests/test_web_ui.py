@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -319,6 +320,39 @@ def test_views_errors_and_compare(ui_platform, browser):
     assert not console.unexpected(), console.errors
     page.close()
 
+
+@needs_chromium
+def test_gateway_restart_mid_run_reconnects_with_the_whole_curve(ui_platform, browser):
+    status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
+        "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64, "max_iterations": 100000,
+        "learning_rate": 0.002, "steps_per_report": 10, "save_every": 500, "steps_per_eval": 500})
+    assert status == 200, body
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    console = Console(page)
+    # While the gateway is down the browser logs its refused connections; nothing else is allowed.
+    console.allowed += [r"ERR_CONNECTION_REFUSED", r"WebSocket connection to .* failed", r"ERR_EMPTY_RESPONSE",
+                        r"status of 50[34]"]
+    try:
+        page.goto(ui_platform.web + "/#monitor")
+        before = wait_points(page, 3)
+        os.kill(ui_platform.pid_of("gateway"), signal.SIGKILL)
+        page.wait_for_function("() => document.querySelector('#live').textContent !== 'live'", timeout=10_000)
+        page.wait_for_function("() => document.querySelector('#live').textContent === 'live'", timeout=30_000)
+        after = wait_points(page, before + 3)  # the curve is whole and live again, without a reload
+        assert after > before
+        # No hole where the gateway was down: one point per report since iteration 10.
+        page.wait_for_timeout(300)
+        drawn = page.evaluate("() => ({...document.querySelector('#chart-loss').dataset})")
+        assert int(drawn["points"]) == int(drawn["last"]) // 10, drawn
+    finally:
+        http("POST", ui_platform.web + "/api/training/stop")
+        deadline = time.monotonic() + 60
+        while http("GET", ui_platform.web + "/api/training/status")[1]["is_training"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    page.wait_for_function("() => document.querySelector('#mon-phase').textContent === 'stopped'", timeout=30_000)
+    assert not console.unexpected(), console.errors
+    page.close()
 
 def test_artifacts_folder_is_ignored_by_git():
     root = Path(__file__).parent.parent

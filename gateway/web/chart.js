@@ -94,6 +94,7 @@ export class LineChart {
       this.lastDraw = performance.now();
       this.plot.setData(this.data);
       this.container.dataset.points = String(this.data[0].length);
+      this.container.dataset.last = String(this.data[0].at(-1) ?? "");
     }, wait);
   }
 

@@ -28,7 +28,7 @@ export function prepare() {
     ],
     height: 280, yLabel: "loss",
   });
-  charts.lr = new LineChart($("#chart-lr"), { series: [{ label: "lr", color: cssColor("--train") }], fmt: fmtLr });
+  charts.lr = new LineChart($("#chart-lr"), { series: [{ label: "lr", color: cssColor("--train") }], fmt: fmtLr, ySize: 72 });
   charts.tps = new LineChart($("#chart-tps"), { series: [{ label: "tokens/s", color: cssColor("--ok") }] });
   charts.mem = new LineChart($("#chart-mem"), {
     series: [{ label: "memory", color: cssColor("--ckpt") }], fmt: fmtGb, yTick: (v, digits) => (v ? fmtGb(v, digits) : "0"), ySize: 76,
