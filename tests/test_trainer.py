@@ -47,6 +47,15 @@ def trainer():
             yield running
 
 
+@pytest.fixture(autouse=True)
+def no_run_left_behind(trainer):
+    """A failed test must not leave its run going: the next test's start would get a 409."""
+    yield
+    if status(trainer).get("is_training"):
+        http("POST", trainer.web + "/api/training/stop")
+        wait_done(trainer, 120)
+
+
 def start(platform: Platform, **fields) -> dict:
     status, body, _ = http("POST", platform.web + "/api/training/start", {**FAST, **fields})
     assert status == 200, body
