@@ -21,6 +21,7 @@ export function init() {
       $("#chat-sbs-a-label").hidden = !$("#chat-sbs").checked;
       renderPanes();
     });
+    for (const id of ["#chat-model", "#chat-model-b", "#chat-ckpt"]) $(id).addEventListener("change", renderPanes);
     $("#chat-adapter").addEventListener("change", () => onAdapterChange("#chat-adapter", "#chat-model", "#chat-ckpt"));
     $("#chat-adapter-b").addEventListener("change", () => onAdapterChange("#chat-adapter-b", "#chat-model-b", null));
     $("#chat-load").addEventListener("click", (e) => busy(e.currentTarget, "Loading…", async () => {
@@ -179,6 +180,8 @@ async function send() {
     if ($("#chat-sbs").checked) {
       for (const [pane, choice] of [[panes[0], choiceA()], [panes[1], choiceB()]]) {
         status = await ensureLoaded(choice, status);
+        pane.title.textContent = `${pane === panes[0] ? "Left" : "Right"}: ${status.model_name}`
+          + `${status.adapter_file ? ` + ${status.adapter_file}` : ""}`;
         await converse(pane, prompt, status);
         if (controller.signal.aborted) break;
       }
