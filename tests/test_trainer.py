@@ -18,7 +18,7 @@ import mlx.core as mx
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http, running_platform
+from tests.helpers.procs import Platform, http, processes_of, running_platform
 from tests.helpers.tiny_lm import write_corpus, write_tiny_model
 
 FAST = {"model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3,
@@ -203,9 +203,10 @@ def test_resume_matches_an_uninterrupted_run(trainer):
     assert curve(events[cut:]) == curve(events[:cut]) != []  # the same curve, appended to the same file
 
 
-def worker_pid() -> int:
-    return next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                and b"forgellm.services.training.worker" in (p / "cmdline").read_bytes())
+def worker_pid(platform: Platform) -> int:
+    """The training worker of this platform (other workspaces may run workers of their own)."""
+    return next(pid for pid in processes_of(platform.home)
+                if b"forgellm.services.training.worker" in Path(f"/proc/{pid}/cmdline").read_bytes())
 
 
 async def test_kill_9_of_the_worker_is_reported_and_resumed(trainer):
@@ -214,7 +215,7 @@ async def test_kill_9_of_the_worker_is_reported_and_resumed(trainer):
     deadline = time.monotonic() + 60
     while (await asyncio.to_thread(status, trainer))["current_iteration"] < 60:
         assert time.monotonic() < deadline
-    worker = await asyncio.to_thread(worker_pid)
+    worker = await asyncio.to_thread(worker_pid, trainer)
     client = socketio.AsyncClient(reconnection=False)
     errors = []
     client.on("training_error", lambda data: errors.append((time.monotonic(), data)))
