@@ -58,8 +58,12 @@ def draw_dashboard(run_dir: Path, out: Path, *, title: str | None = None, best: 
     ax_loss.set_xlabel("iteration")
     ax_loss.legend(fontsize=11)
 
-    train_at = dict(zip(it_train, train, strict=True))
-    gap = [(i, v - train_at[i]) for i, v in zip(it_val, valid, strict=True) if i in train_at]
+    # gap at each evaluation: validation loss minus the latest training loss reported by then
+    gap = []
+    for iteration, value in zip(it_val, valid, strict=True):
+        before = [loss for it, loss in zip(it_train, train, strict=True) if it <= iteration]
+        if before:
+            gap.append((iteration, value - before[-1]))
     if gap:
         ax_gap.plot([g[0] for g in gap], [g[1] for g in gap], color="#9467bd", marker="o")
     ax_gap.axhline(0, color="black", linewidth=0.8)
@@ -74,6 +78,7 @@ def draw_dashboard(run_dir: Path, out: Path, *, title: str | None = None, best: 
         ax.set_title(label, fontsize=13)
         ax.set_xlabel("iteration")
     for ax in fig.axes:
+        ax.ticklabel_format(axis="y", useOffset=False, style="sci", scilimits=(-3, 4))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)
