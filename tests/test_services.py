@@ -109,10 +109,12 @@ async def test_sigterm_finishes_the_request_in_hand(short_tmp):
     settings = load_settings(env=isolated_env(short_tmp))
     helper = Path(__file__).parent / "helpers" / "slow_service.py"
     proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, str(helper)], env=isolated_env(short_tmp))
+    cleanup: list = []
     try:
         address = bus_address(settings, "publisher")
         ctx = zmq.asyncio.Context()
         client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5)  # connects in the background meanwhile
+        cleanup.append(lambda: (client.close(), ctx.destroy(linger=0)))
         await asyncio.to_thread(wait_for_ping, address, "publisher", 20, 5.0)  # its ping takes 1 s
         (short_tmp / "in_handler").unlink()
         pending = asyncio.ensure_future(client.request(PingRequest()))
@@ -125,8 +127,8 @@ async def test_sigterm_finishes_the_request_in_hand(short_tmp):
         reply = await pending
         assert reply.version == "slow"
         assert await asyncio.to_thread(proc.wait, 10) == 0
-        client.close()
-        ctx.destroy(linger=0)
     finally:
+        for close in cleanup:
+            close()
         if proc.poll() is None:
             proc.kill()
