@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -45,6 +44,7 @@ from forgellm.services.common.process import signal_when_parent_dies
 from forgellm.services.common.runs import current_run, read_metrics
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.training import checkpoints as ckpt
+from forgellm.services.training.losses import worker_environment
 from forgellm.services.training.runs import prepare_run
 
 log = structlog.get_logger("trainer")
@@ -158,7 +158,7 @@ class TrainerService(Service):
         if resume_from:
             argv.append(resume_from)
         run.process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, env=os.environ.copy(),
+            *argv, stdin=asyncio.subprocess.DEVNULL, env=worker_environment(),
             preexec_fn=signal_when_parent_dies(signal.SIGUSR1))
         run.finished = False
         run.reported_error = False

@@ -164,6 +164,7 @@ def _run_on_platform(client: ForgeLLMClient, request: dict[str, Any]) -> None:
 def _run_standalone(request: dict[str, Any]) -> None:
     from forgellm.services.common.errors import ForgeError
     from forgellm.services.common.workspace import Workspace
+    from forgellm.services.training.losses import worker_environment
     from forgellm.services.training.runs import prepare_run
 
     settings = load_settings()
@@ -175,7 +176,8 @@ def _run_standalone(request: dict[str, Any]) -> None:
     log_path = prepared.run_dir / "worker.log"
     with open(log_path, "ab") as log:
         worker = subprocess.Popen([sys.executable, "-m", "forgellm.services.training.worker", str(prepared.run_dir)],
-                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                  env=worker_environment())
     progress = ProgressLine(int(request.get("max_iterations") or 500))
     metrics = prepared.run_dir / "metrics.jsonl"
     position, last_val, started = 0, None, time.monotonic()

@@ -180,9 +180,10 @@ class Run:
         cfg = self.config
         self.optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
+        from forgellm.services.training.losses import cross_entropy
+
         def loss_fn(model, inputs, targets, mask):
-            logits = model(inputs)
-            ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
+            ce = cross_entropy(model(inputs).astype(mx.float32), targets)[0] * mask
             ntoks = mask.sum()
             return ce.sum() / ntoks, ntoks
 
