@@ -78,6 +78,11 @@ def test_each_published_model_is_base_plus_exactly_its_checkpoint(published_run)
     _, models, _ = http("GET", platform.web + "/api/models")
     names = {m["name"] for m in models["published_models"]}
     assert {results[20][1]["model_name"], results[40][1]["model_name"]} <= names
+    got, body, _ = http("POST", platform.server + "/api/model/load", {"model_name": results[40][1]["model_name"]})
+    assert got == 200, body
+    platform.wait_until(lambda h: http("GET", platform.server + "/api/model/status")[1]["loaded"], 60, "loaded")
+    got, answer, _ = http("POST", platform.server + "/api/model/generate", {"prompt": "The heron", "max_tokens": 5})
+    assert got == 200 and answer["tokens_generated"] >= 1
 
 
 def test_dashboard_and_model_card(published_run):
@@ -90,6 +95,8 @@ def test_dashboard_and_model_card(published_run):
     card = (platform.home / body["readme_path"]).read_text()
     front = yaml.safe_load(card.split("---", 2)[1])
     assert front["base_model"] == "tiny" and front["library_name"] == "mlx" and "mlx" in front["tags"]
+    assert front["forgellm"]["checkpoint"] == f"{run}/0000040_adapters.safetensors"
+    assert front["forgellm"]["checkpoint_iteration"] == 40
     assert "license" in front
     meta = json.loads((platform.home / body["published_model_path"] / "publish.json").read_text())
     assert meta["checkpoint_iteration"] == 40 and meta["rank"] in (1, 2) and meta["checkpoints_in_run"] == 2

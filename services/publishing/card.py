@@ -73,6 +73,12 @@ def model_card(f: dict[str, Any]) -> str:
         "tags": ["mlx", "forgellm", f["training_type"] or "fine-tuned",
                  "lora" if f["training_config"].get("fine_tune_type") != "full" else "full-fine-tune"],
         "pipeline_tag": "text-generation",
+        "forgellm": {
+            "training_id": f["training_id"],
+            "checkpoint": f.get("checkpoint_path"),
+            "checkpoint_iteration": f["checkpoint_iteration"],
+            "validation_loss": f["validation_loss"],
+        },
     }
     kind = {"cpt": "continued pre-training", "ift": "instruction tuning"}.get(f["training_type"], "fine-tuning")
     val = f"{f['validation_loss']:.4f}" if f["validation_loss"] is not None else "not measured"
