@@ -253,8 +253,11 @@ def test_views_errors_and_compare(ui_platform, browser):
     status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
         "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64, "max_iterations": 30,
         "learning_rate": 0.001, "steps_per_report": 5, "save_every": 15, "steps_per_eval": 15})
-    if status == 409:  # the first test's run is still stopping
-        time.sleep(3)
+    if status == 409:  # the first test's run is still stopping: wait until the trainer says it ended
+        deadline = time.monotonic() + 60
+        while (http("GET", ui_platform.web + "/api/training/status")[1].get("is_training")
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
         status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
             "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64,
             "max_iterations": 30, "learning_rate": 0.001, "steps_per_report": 5, "save_every": 15,
