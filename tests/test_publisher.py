@@ -188,3 +188,41 @@ def test_quantize_and_gguf_round_trip(published_run, tmp_path):
     assert got == 400 and "published" in error["error"]
     got, error, _ = http("POST", platform.web + "/api/models/export_gguf", {"model_name": quant["model_name"]})
     assert got == 400 and "quantized" in error["error"]
+
+
+async def test_publish_reports_progress_and_completion_on_the_bus(published_run):
+    import asyncio
+
+    import zmq.asyncio
+
+    from forgellm.bus import AsyncSubscriber
+    from forgellm.config import bus_address, load_settings
+    from forgellm.schemas import PublishComplete, PublishError, PublishProgress
+
+    platform, run = published_run
+    settings = load_settings(env=platform.env)
+    ctx = zmq.asyncio.Context()
+    subscriber = AsyncSubscriber(ctx, bus_address(settings, "events_out"), ("publish.", "service.heartbeat"))
+    try:
+        while (await asyncio.wait_for(subscriber.recv(), 10)).topic != "service.heartbeat":
+            pass  # the subscription is live
+        status, body = await asyncio.to_thread(publish, platform, run, 20)
+        assert status == 200, body
+        seen = []
+        while not seen or not isinstance(seen[-1], PublishComplete):
+            record = await asyncio.wait_for(subscriber.recv(), 10)
+            if record.topic.startswith("publish."):
+                seen.append(record.body)
+        stages = [event.stage for event in seen if isinstance(event, PublishProgress)]
+        assert stages[0] == "fusing adapter into base model" and stages[-1] == "done"
+        assert seen[-1].published_model_path == body["published_model_path"]
+        got, _ = await asyncio.to_thread(publish, platform, run, 99)  # a missing checkpoint
+        assert got == 404
+        while True:
+            record = await asyncio.wait_for(subscriber.recv(), 10)
+            if isinstance(record.body, PublishError):
+                assert "0000099" in record.body.error
+                break
+    finally:
+        subscriber.close()
+        ctx.destroy(linger=0)
