@@ -17,7 +17,7 @@ from forgellm.bus import AsyncRpcClient, AsyncSubscriber
 from forgellm.config import Settings, bus_address
 from forgellm.config.settings import SERVICE_NAMES
 from forgellm.gateway.decode import decode_body, decode_query
-from forgellm.gateway.errors import ApiError, request_context
+from forgellm.gateway.errors import REQUEST_ID, ApiError, request_context
 from forgellm.gateway.generation import generate_handler
 from forgellm.gateway.health import PROCESSES, ServiceMonitor, system_info
 from forgellm.gateway.openai_api import add_openai_routes
@@ -109,7 +109,7 @@ def _service_handler(link: BusLink, route: Route) -> Handler:
             message = decode_query(request, request_type)
         else:
             message = await decode_body(request, request_type)
-        reply = await link.call(service, message, request["request_id"], route.timeout_s)
+        reply = await link.call(service, message, request[REQUEST_ID], route.timeout_s)
         return json_response(reply)
 
     return handle

@@ -14,6 +14,9 @@ from forgellm.schemas import HTTP_STATUS, ErrorBody, ErrorCode, ErrorReply
 
 log = structlog.get_logger("gateway")
 
+# Where each request's id is kept (a typed key: aiohttp warns about plain string keys).
+REQUEST_ID = web.RequestKey("request_id", str)
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -62,7 +65,7 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
     the reference's error body; a bug becomes a 500 with that body, never a bare traceback."""
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else new_id()
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(correlation_id=request_id)
     try:
         response = await handler(request)

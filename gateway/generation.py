@@ -32,7 +32,7 @@ from aiohttp import web
 
 from forgellm.bus import BusError, new_id
 from forgellm.gateway.decode import decode_body
-from forgellm.gateway.errors import ApiError
+from forgellm.gateway.errors import REQUEST_ID, ApiError
 from forgellm.schemas import (
     ErrorBody,
     ErrorCode,
@@ -125,7 +125,7 @@ def generate_handler(link: BusLink) -> Callable[[web.Request], Awaitable[web.Str
     async def handle(request: web.Request) -> web.StreamResponse:
         message = await decode_body(request, GenerateRequest)
         message = msgspec.structs.replace(message, generation_id=new_id())
-        request_id = request["request_id"]
+        request_id = request[REQUEST_ID]
         link.check_up(SERVICE)
         if not message.streaming:
             try:

@@ -56,7 +56,7 @@ from aiohttp import web
 
 from forgellm.bus import BusError, new_id
 from forgellm.gateway.decode import convert
-from forgellm.gateway.errors import ApiError
+from forgellm.gateway.errors import REQUEST_ID, ApiError
 from forgellm.gateway.generation import FRAME_TIMEOUT_S, SERVICE, ClientGone, _guarded
 from forgellm.gateway.security import token_matches
 from forgellm.schemas import (
@@ -360,7 +360,7 @@ class OpenAIRoutes:
 
     async def _served_model(self, request: web.Request, wanted: str) -> str:
         """The loaded (or loading) model's name when ``wanted`` names it; else a 404."""
-        status = await self.link.call(SERVICE, ModelStatusRequest(), request["request_id"])
+        status = await self.link.call(SERVICE, ModelStatusRequest(), request[REQUEST_ID])
         name = status.model_name
         if name is not None and (status.loaded or status.is_loading) and wanted in (name, _alias(name)):
             return name
@@ -375,7 +375,7 @@ class OpenAIRoutes:
     # -- GET /v1/models
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        request_id = request["request_id"]
+        request_id = request[REQUEST_ID]
         status = await self.link.call(SERVICE, ModelStatusRequest(), request_id)
         now = int(time.time())
         data: list[dict[str, Any]] = []
@@ -418,7 +418,7 @@ class OpenAIRoutes:
     async def _complete(self, request: web.Request, message: GenerateRequest, model: str, body: _Common, *,
                         chat: bool, echo: str = "") -> web.StreamResponse:
         self.link.check_up(SERVICE)
-        request_id = request["request_id"]
+        request_id = request[REQUEST_ID]
         completion_id = ("chatcmpl-" if chat else "cmpl-") + message.generation_id
         created = int(time.time())
         if not message.streaming:
