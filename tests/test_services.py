@@ -13,7 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from forgellm.bus import AsyncRpcClient, AsyncSubscriber, RpcClient
+from forgellm.bus import AsyncSubscriber, RpcClient, ServiceUnavailable
 from forgellm.config import bus_address, load_settings
 from forgellm.schemas import (
     Heartbeat,
@@ -112,12 +112,17 @@ async def test_sigterm_finishes_the_request_in_hand(short_tmp):
     cleanup: list = []
     try:
         address = bus_address(settings, "publisher")
-        ctx = zmq.asyncio.Context()
-        client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5)  # connects in the background meanwhile
-        cleanup.append(lambda: (client.close(), ctx.destroy(linger=0)))
-        await asyncio.to_thread(wait_for_ping, address, "publisher", 20, 5.0)  # its ping takes 1 s
+        client = RpcClient(address, "publisher", timeout_s=5, read_retries=0)
+        cleanup.append(client.close)
+        deadline = time.monotonic() + 30
+        while True:  # until this very client is connected and answered (the ping takes 1 s)
+            try:
+                await asyncio.to_thread(client.request, PingRequest())
+                break
+            except ServiceUnavailable:
+                assert time.monotonic() < deadline, "the slow service never answered"
         (short_tmp / "in_handler").unlink()
-        pending = asyncio.ensure_future(client.request(PingRequest()))
+        pending = asyncio.ensure_future(asyncio.to_thread(client.request, PingRequest()))
         marker = short_tmp / "in_handler"
         deadline = time.monotonic() + 10
         while not marker.exists():  # the handler has started (and takes 1 s)
