@@ -39,6 +39,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers.procs import processes_of  # noqa: E402  (the same check the tests use)
+
 HERE = Path(__file__).resolve()
 
 
@@ -60,20 +64,6 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def processes_of(home: Path) -> list[int]:
-    """Live pids whose environment has FORGELLM_HOME=home (the platform's processes)."""
-    marker = f"FORGELLM_HOME={home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                if "\nState:\tZ" not in (entry / "status").read_text():
-                    pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 # --------------------------------------------------------------------------------------------

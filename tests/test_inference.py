@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from forgellm.bus import AsyncSubscriber
 from forgellm.config import bus_address, load_settings
-from tests.helpers.procs import Platform, http, running_platform
+from tests.helpers.procs import Platform, http, poll, running_platform
 from tests.helpers.tiny_model import build_tiny_model, write_lora_run
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
@@ -55,13 +55,7 @@ def load(platform: Platform, model: str = "tiny", adapter: str | None = None, ti
 
 
 def wait_loaded(platform: Platform, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = status(platform)
-        if not current["is_loading"]:
-            return current
-        time.sleep(0.05)
-    raise AssertionError(f"still loading; log:\n{platform.log()[-3000:]}")
+    return poll(lambda: status(platform), lambda s: not s["is_loading"], timeout, "the load to end", 0.05)
 
 
 def generate(platform: Platform, **body) -> tuple[int, dict]:

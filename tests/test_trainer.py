@@ -18,7 +18,7 @@ import mlx.core as mx
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http, processes_of, running_platform
+from tests.helpers.procs import Platform, http, poll, processes_of, running_platform
 from tests.helpers.tiny_lm import write_corpus, write_tiny_model
 
 FAST = {"model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3,
@@ -67,13 +67,7 @@ def status(platform: Platform) -> dict:
 
 
 def wait_done(platform: Platform, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = status(platform)
-        if not current["is_training"]:
-            return current
-        time.sleep(0.2)
-    raise AssertionError(f"run did not finish: {current}\n{platform.log()[-3000:]}")
+    return poll(lambda: status(platform), lambda s: not s["is_training"], timeout, "the run to finish", 0.2)
 
 
 def metrics(platform: Platform, output_dir: str) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
@@ -19,9 +18,13 @@ def _workspace() -> Path:
 
 
 def _base_dir(name: str) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
-        raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-' only", param_hint="--name")
-    return _workspace() / "models" / "base" / name
+    from forgellm.services.common.errors import ForgeError
+    from forgellm.services.modelio.hub import base_model_dir
+
+    try:
+        return base_model_dir(_workspace() / "models" / "base", name)
+    except ForgeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--name") from None
 
 
 class _Bar:

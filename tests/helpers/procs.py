@@ -33,6 +33,18 @@ def isolated_env(home: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def poll(fetch, done, timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Call ``fetch()`` until ``done(value)``; returns that value or fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last: {value}")
+        time.sleep(interval)
+
+
 def processes_of(home: Path) -> list[int]:
     """Pids of every live process started for the workspace ``home`` (read from /proc)."""
     marker = f"FORGELLM_HOME={home}".encode()
