@@ -1,11 +1,21 @@
 """All ZeroMQ code lives here: the broker, event pub/sub and request/reply RPC."""
 
+
+import zmq.asyncio
+
 from forgellm.bus.codec import DecodeError, decode, decode_header, encode, new_id
 from forgellm.bus.errors import BusError, RemoteError, ServiceTimeout, ServiceUnavailable
 from forgellm.bus.events import AsyncSubscriber, EventPublisher, EventRecord
 from forgellm.bus.rpc import AsyncRpcClient, RpcClient, RpcServer
 
+
+def new_context() -> zmq.asyncio.Context:
+    """The sockets' context for one process (or one test): close it with ``destroy()``."""
+    return zmq.asyncio.Context()
+
+
 __all__ = [
+    "new_context",
     "AsyncRpcClient",
     "AsyncSubscriber",
     "BusError",

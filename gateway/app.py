@@ -10,10 +10,9 @@ from typing import Any
 import msgspec
 import socketio
 import structlog
-import zmq.asyncio
 from aiohttp import web
 
-from forgellm.bus import AsyncRpcClient, AsyncSubscriber
+from forgellm.bus import AsyncRpcClient, AsyncSubscriber, new_context
 from forgellm.config import Settings, bus_address
 from forgellm.config.settings import SERVICE_NAMES
 from forgellm.gateway.decode import decode_body, decode_query
@@ -45,7 +44,7 @@ class BusLink:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = new_context()
         timeouts = settings.timeouts
         self.clients = {
             name: AsyncRpcClient(self.ctx, bus_address(settings, name), name, source="gateway",

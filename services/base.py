@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import structlog
-import zmq.asyncio
 
-from forgellm.bus import EventPublisher, RpcServer
+from forgellm.bus import EventPublisher, RpcServer, new_context
 from forgellm.bus.broker import prepare_ipc
 from forgellm.config import Settings, bus_address
 from forgellm.schemas import (
@@ -70,7 +69,7 @@ class Service:
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.stop_event = asyncio.Event()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = new_context()
         self.address = bus_address(settings, self.name)
         self.events: EventPublisher | None = None
         self.server: RpcServer | None = None

@@ -7,9 +7,8 @@ import time
 
 import click
 import msgspec
-import zmq.asyncio
 
-from forgellm.bus import AsyncSubscriber
+from forgellm.bus import AsyncSubscriber, new_context
 from forgellm.config import bus_address, load_settings
 
 
@@ -34,7 +33,7 @@ def _line(record, as_json: bool) -> str:
 
 
 async def _tail(address: str, topics: tuple[str, ...], as_json: bool, count: int | None) -> None:
-    ctx = zmq.asyncio.Context()
+    ctx = new_context()
     subscriber = AsyncSubscriber(ctx, address, topics or ("",))
     seen = 0
     try:
