@@ -28,6 +28,19 @@ def server(kind):
             ident, payload = s.recv_multipart()
             h, b = decode(payload)
             s.send(ident, MORE_NOBLOCK); s.send(reply_payload(h), NOBLOCK)
+    if kind == "thread":  # a sync ROUTER loop in a thread beside an idle asyncio loop (a service's shape)
+        import threading
+        def loop_thread():
+            s = ctx.socket(zmq.ROUTER); s.bind(ADDR)
+            print("ready", flush=True)
+            while True:
+                ident, payload = s.recv_multipart()
+                h, b = decode(payload)
+                s.send(ident, MORE_NOBLOCK); s.send(reply_payload(h), NOBLOCK)
+        threading.Thread(target=loop_thread, daemon=True).start()
+        async def idle():
+            while True: await asyncio.sleep(1)
+        asyncio.run(idle())
     async def main():
         if kind == "rpcserver":
             rpc = RpcServer(ctx, ADDR, "s")
@@ -72,7 +85,7 @@ def client(kind, n=10000):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "server": server(sys.argv[2]); sys.exit()
-    for sk in ("sync", "aio_inline", "aio_task"):
+    for sk in sys.argv[1:] or ("sync", "thread", "aio_inline", "aio_task"):
         p = subprocess.Popen([sys.executable, __file__, "server", sk], stdout=subprocess.PIPE, text=True)
         p.stdout.readline()
         r = {ck: round(client(ck), 1) for ck in ("block", "async")}

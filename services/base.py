@@ -1,17 +1,21 @@
 """What every service shares: its command socket, heartbeat, ready/stopping events and a
 graceful SIGTERM (stop taking requests, finish the ones in hand, close sockets, exit 0).
 
-A subclass names itself and registers handlers with ``@handles(RequestType)``.
+A subclass names itself and registers handlers with ``@handles(RequestType)``. An ``async def``
+handler runs as a task on the event loop; a plain ``def`` handler runs inline on the command
+socket's thread (no event-loop hop, see ``bus.rpc.RpcServer``), so it must be quick, never block
+and only read the service's state (ping, status).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import structlog
 
@@ -37,7 +41,7 @@ from forgellm.services.common.errors import ForgeError
 VERSION = "0.1.0"
 log = structlog.get_logger("service")
 
-HandlerMethod = Callable[..., Awaitable[Any]]
+HandlerMethod = Callable[..., Union[Awaitable[Any], Any]]
 
 
 def handles(request_type: type[Request]) -> Callable[[HandlerMethod], HandlerMethod]:
@@ -54,6 +58,8 @@ class Service:
     name: ClassVar[str] = "service"
     # request type -> method name (a name, so a subclass may override a handler)
     _handlers: ClassVar[dict[type[Request], str]] = {}
+    # the subset answered on the socket thread (plain ``def`` handlers)
+    _inline_handlers: ClassVar[dict[type[Request], str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,6 +69,10 @@ class Service:
                 request_type = getattr(attr, "__handles__", None)
                 if request_type is not None:
                     cls._handlers[request_type] = name
+        cls._inline_handlers = {
+            request_type: name for request_type, name in cls._handlers.items()
+            if not asyncio.iscoroutinefunction(getattr(cls, name))
+        }
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -89,11 +99,11 @@ class Service:
     # --- common handlers ----------------------------------------------------------------------
 
     @handles(PingRequest)
-    async def ping(self, request: PingRequest, header: Envelope) -> PingReply:
+    def ping(self, request: PingRequest, header: Envelope) -> PingReply:
         return PingReply(service=self.name, pid=self.pid, uptime_s=self.uptime(), version=VERSION)
 
     @handles(ServiceStatusRequest)
-    async def service_status(self, request: ServiceStatusRequest, header: Envelope) -> ServiceStatusReply:
+    def service_status(self, request: ServiceStatusRequest, header: Envelope) -> ServiceStatusReply:
         assert self.server is not None
         return ServiceStatusReply(
             service=self.name,
@@ -113,6 +123,16 @@ class Service:
         if self.events is not None:
             self.events.publish(event, correlation_id)
 
+    def _dispatch_inline(self, header: Envelope, request: Request) -> Any:
+        """On the socket thread: a plain ``def`` handler's reply, or ``None`` for the loop."""
+        name = self._inline_handlers.get(type(request))
+        if name is None:
+            return None
+        try:
+            return getattr(self, name)(request, header)
+        except ForgeError as exc:
+            return exc.to_reply()
+
     async def _dispatch(self, header: Envelope, request: Request) -> Any:
         name = self._handlers.get(type(request))
         if name is None:
@@ -121,7 +141,8 @@ class Service:
                 error=f"The {self.name} service does not handle {type(request).__name__} yet",
             )
         try:
-            return await getattr(self, name)(request, header)
+            result = getattr(self, name)(request, header)
+            return await result if inspect.isawaitable(result) else result
         except ForgeError as exc:
             return exc.to_reply()
 
@@ -144,7 +165,7 @@ class Service:
         self.publish(ServiceReady(service=self.name, pid=self.pid, address=self.address))
         log.info("service_ready", address=self.address)
         try:
-            await self.server.serve(self._dispatch, self.stop_event)
+            await self.server.serve(self._dispatch, self.stop_event, self._dispatch_inline)
         finally:
             heartbeat.cancel()
             log.info("service_stopping")

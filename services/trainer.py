@@ -39,7 +39,7 @@ from forgellm.schemas import (
     TrainingUpdate,
 )
 from forgellm.services.base import Service, handles
-from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
 from forgellm.services.common.process import signal_when_parent_dies
 from forgellm.services.common.runs import current_run, read_metrics
 from forgellm.services.common.workspace import Workspace
@@ -63,6 +63,7 @@ class ActiveRun:
     finished: bool = False
     reported_error: bool = False
     resumed_after_crash: bool = False
+    error: TrainingError | None = None  # the last training_error, shown by status
     auto_resume: bool = True
     started: float = field(default_factory=time.monotonic)
 
@@ -143,8 +144,12 @@ class TrainerService(Service):
                 run.finished = True
                 run.phase = "stopped" if event.stopped else ("early stopped" if "early" in event.reason
                                                              else "completed")
-            elif isinstance(event, TrainingError) and record.header.source == "trainer-worker":
-                run.reported_error = True
+            elif isinstance(event, TrainingError):
+                if record.header.source == "trainer-worker":
+                    run.reported_error = True
+                    run.error = event
+                elif not run.reported_error:
+                    run.error = event
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -162,6 +167,7 @@ class TrainerService(Service):
             preexec_fn=signal_when_parent_dies(signal.SIGUSR1))
         run.finished = False
         run.reported_error = False
+        run.error = None
         self._spawn_task(self._watch(run))
         log.info("worker_started", pid=run.process.pid, training_id=run.training_id, resume_from=resume_from)
 
@@ -172,7 +178,12 @@ class TrainerService(Service):
                              details={"training_id": self.active.training_id},
                              suggestion="Stop it with POST /api/training/stop, or wait for it to finish.")
         self.active = None
-        run = await asyncio.to_thread(self._prepare, request)
+        try:
+            run = await asyncio.to_thread(self._prepare, request)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error("creating the run folder", self.workspace.home, exc) from exc
+            raise
         if self.is_training():  # another start won the race while we were preparing
             raise ForgeError(ErrorCode.TRAINING_ALREADY_RUNNING, "Training is already running")
         self.active = run
@@ -192,6 +203,10 @@ class TrainerService(Service):
         await asyncio.sleep(0)  # let already-received events be applied first
         if code == 0 and run.finished:
             return
+        for _ in range(20):  # a worker that failed by itself said why just before exiting
+            if code < 0 or run.reported_error:
+                break
+            await asyncio.sleep(0.05)
         if code < 0:
             error = f"The training worker was killed ({_signal_name(code)})"
             suggestion = ("It was probably out of memory: reduce batch_size or max_seq_length, or enable "
@@ -231,12 +246,13 @@ class TrainerService(Service):
             return TrainingStopReply(message="Training is stopping: the final checkpoint is being written")
 
     @handles(TrainingStatusRequest)
-    async def training_status(self, request: TrainingStatusRequest, header: Envelope) -> TrainingStatusReply:
+    def training_status(self, request: TrainingStatusRequest, header: Envelope) -> TrainingStatusReply:
         run = self.active
         if run is None:
             return TrainingStatusReply()
         last = run.last
         iteration = last.iteration if last else 0
+        failure = run.error if run.phase == "failed" else None
         return TrainingStatusReply(
             is_training=not run.finished, training_id=run.training_id, training_type=run.training_type,
             phase=run.phase, current_iteration=iteration, max_iterations=run.max_iterations,
@@ -247,10 +263,13 @@ class TrainerService(Service):
             tokens_per_second=last.tokens_per_second if last else None,
             memory_usage_gb=last.memory_usage_gb if last else None,
             eta_minutes=last.eta_minutes if last and not run.finished else None,
-            output_dir=run.output_dir)
+            output_dir=run.output_dir,
+            error=failure.error if failure else None,
+            error_code=(failure.error_code or None) if failure else None,
+            suggestion=failure.suggestion if failure else None)
 
     @handles(RealtimeRequest)
-    async def realtime(self, request: RealtimeRequest, header: Envelope) -> RealtimeReply:
+    def realtime(self, request: RealtimeRequest, header: Envelope) -> RealtimeReply:
         run = self.active
         if run is None or run.last is None:
             return RealtimeReply(is_training=self.is_training())

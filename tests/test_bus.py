@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import msgspec
@@ -377,6 +378,75 @@ async def test_rpc_over_tcp():
     assert (await client.request(PingRequest())).service == "tcpsvc"
     stop.set()
     await task
+    client.close()
+    rpc.close()
+    ctx.destroy(linger=0)
+
+
+async def test_inline_handlers_answer_on_the_socket_thread_and_the_rest_on_the_loop(short_tmp):
+    ctx = zmq.asyncio.Context()
+    address = f"ipc://{short_tmp}/inline.sock"
+    rpc = RpcServer(ctx, address, "svc")
+    loop_thread = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    def inline(header, request):
+        seen["inline"] = threading.get_ident()
+        if isinstance(request, TrainingStopRequest):
+            raise RuntimeError("inline boom")
+        if isinstance(request, PingRequest):
+            return PingReply(service="svc", pid=1, uptime_s=0.0, version="inline")
+        return None  # everything else: the event loop
+
+    async def handler(header, request):
+        seen["loop"] = threading.get_ident()
+        return PingReply(service="svc", pid=1, uptime_s=0.0, version="loop")
+
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(rpc.serve(handler, stop, inline))
+    client = AsyncRpcClient(ctx, address, "svc", timeout_s=5)
+    assert (await client.request(PingRequest())).version == "inline"
+    assert seen["inline"] != loop_thread
+    assert (await client.request(GenerateRequest(prompt="x", max_tokens=1))).version == "loop"
+    assert seen["loop"] == loop_thread
+    with pytest.raises(RemoteError) as failure:  # a bug in an inline handler: an error, not a dead thread
+        await client.request(TrainingStopRequest())
+    assert failure.value.code == ErrorCode.INTERNAL and "inline boom" in str(failure.value)
+    assert (await client.request(PingRequest())).version == "inline"
+    assert (rpc.served, rpc.failed) == (4, 1)  # every answer counts; the error once more
+    stop.set()
+    await asyncio.wait_for(serving, 5)
+    client.close()
+    rpc.close()
+    ctx.destroy(linger=0)
+
+
+async def test_a_stopping_server_finishes_the_request_in_hand_and_turns_new_ones_away(short_tmp):
+    ctx = zmq.asyncio.Context()
+    address = f"ipc://{short_tmp}/drain.sock"
+    rpc = RpcServer(ctx, address, "svc")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(header, request):
+        started.set()
+        await release.wait()
+        return PingReply(service="svc", pid=1, uptime_s=0.0, version="in hand")
+
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(rpc.serve(handler, stop))
+    client = AsyncRpcClient(ctx, address, "svc", timeout_s=5, read_retries=0)
+    in_hand = asyncio.ensure_future(client.request(PingRequest()))
+    await asyncio.wait_for(started.wait(), 5)
+    stop.set()
+    await asyncio.sleep(0.05)  # serve() has seen the stop
+    began = time.monotonic()
+    with pytest.raises(RemoteError) as refused:
+        await client.request(PingRequest())
+    assert refused.value.code == ErrorCode.SERVICE_UNAVAILABLE and time.monotonic() - began < 1
+    assert not serving.done()  # still waiting for the request in hand
+    release.set()
+    assert (await asyncio.wait_for(in_hand, 5)).version == "in hand"
+    await asyncio.wait_for(serving, 5)
     client.close()
     rpc.close()
     ctx.destroy(linger=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from forgellm.bus import AsyncSubscriber, RpcClient, ServiceUnavailable
+from forgellm.bus import AsyncRpcClient, AsyncSubscriber, RpcClient, ServiceUnavailable
 from forgellm.config import bus_address, load_settings
 from forgellm.schemas import (
     Heartbeat,
@@ -105,24 +106,32 @@ def test_garbage_to_a_real_service_is_dropped_and_it_keeps_answering(bus_home):
     assert "request_dropped" in (home / "trainer.log").read_text()
 
 
-async def test_sigterm_finishes_the_request_in_hand(short_tmp):
+@pytest.mark.parametrize("flavour", ["blocking", "asyncio"])
+async def test_sigterm_finishes_the_request_in_hand(short_tmp, flavour):
     settings = load_settings(env=isolated_env(short_tmp))
     helper = Path(__file__).parent / "helpers" / "slow_service.py"
     proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, str(helper)], env=isolated_env(short_tmp))
     cleanup: list = []
     try:
         address = bus_address(settings, "publisher")
-        client = RpcClient(address, "publisher", timeout_s=5, read_retries=0)
-        cleanup.append(client.close)
+        if flavour == "blocking":
+            client = RpcClient(address, "publisher", timeout_s=5, read_retries=0)
+            call = functools.partial(asyncio.to_thread, client.request)
+        else:
+            ctx = zmq.asyncio.Context()
+            cleanup.append(functools.partial(ctx.destroy, linger=0))
+            client = AsyncRpcClient(ctx, address, "publisher", timeout_s=5, read_retries=0)
+            call = client.request
+        cleanup.insert(0, client.close)
         deadline = time.monotonic() + 30
         while True:  # until this very client is connected and answered (the ping takes 1 s)
             try:
-                await asyncio.to_thread(client.request, PingRequest())
+                await call(PingRequest())
                 break
             except ServiceUnavailable:
                 assert time.monotonic() < deadline, "the slow service never answered"
         (short_tmp / "in_handler").unlink()
-        pending = asyncio.ensure_future(asyncio.to_thread(client.request, PingRequest()))
+        pending = asyncio.ensure_future(call(PingRequest()))
         marker = short_tmp / "in_handler"
         deadline = time.monotonic() + 10
         while not marker.exists():  # the handler has started (and takes 1 s)
