@@ -37,6 +37,7 @@ class PublishError(Message, kw_only=True):
     job_id: str
     error: str
     suggestion: str = ""
+    error_code: str = ""  # an ErrorCode when the failure has one (DISK_FULL, ...)
 
 
 class QuantizeRequest(Request, kw_only=True):

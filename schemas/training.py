@@ -71,6 +71,10 @@ class TrainingStatusReply(Reply, kw_only=True):
     memory_usage_gb: float | None = None
     eta_minutes: float | None = None
     output_dir: str | None = None
+    # why the run failed (phase "failed"), as its training_error said
+    error: str | None = None
+    error_code: str | None = None
+    suggestion: str | None = None
 
 
 class TrainingStopRequest(Request, kw_only=True):
@@ -152,6 +156,7 @@ class TrainingError(Message, kw_only=True):
     error: str
     iteration: int | None = None
     suggestion: str = ""
+    error_code: str = ""  # an ErrorCode when the failure has one (DISK_FULL, ...)
 
 
 class TrainingStopped(Message, kw_only=True):

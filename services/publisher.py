@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from pathlib import Path
 
 import structlog
 
@@ -25,13 +27,26 @@ from forgellm.schemas import (
     QuantizeRequest,
 )
 from forgellm.services.base import Service, handles
-from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
 from forgellm.services.common.models import resolve_model
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.publishing.derive import export_gguf, quantize_published
 from forgellm.services.publishing.job import clean_partial, publish_checkpoint
 
 log = structlog.get_logger("publisher")
+
+
+@contextlib.contextmanager
+def disk_full_as_error(doing: str, where: Path):
+    """A full disk, however it surfaces (OSError, MLX's RuntimeError), becomes DISK_FULL (507)."""
+    try:
+        yield
+    except ForgeError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc, where):
+            raise disk_full_error(doing, where, exc) from exc
+        raise
 
 
 class PublisherService(Service):
@@ -55,7 +70,7 @@ class PublisherService(Service):
         def progress(stage: str, fraction: float) -> None:
             self.publish(PublishProgress(job_id=job_id, stage=stage, fraction=fraction), correlation_id)
 
-        with self._one_at_a_time:
+        with self._one_at_a_time, disk_full_as_error("publishing", self.workspace.published):
             from forgellm.services.mlx_runtime import preload_blas
 
             preload_blas()
@@ -69,13 +84,13 @@ class PublisherService(Service):
         try:
             done = await asyncio.to_thread(self._run, request, job_id, header.correlation_id)
         except ForgeError as exc:
-            self.publish(PublishError(job_id=job_id, error=str(exc), suggestion=exc.suggestion), header.correlation_id)
+            self.publish(PublishError(job_id=job_id, error=str(exc), suggestion=exc.suggestion, error_code=exc.code),
+                         header.correlation_id)
             raise
         except Exception as exc:
-            suggestion = ("Free disk space in the workspace and publish again." if isinstance(exc, OSError)
-                          else "See the publisher log; nothing was left half-written.")
-            self.publish(PublishError(job_id=job_id, error=f"{type(exc).__name__}: {exc}", suggestion=suggestion),
-                         header.correlation_id)
+            self.publish(PublishError(job_id=job_id, error=f"{type(exc).__name__}: {exc}",
+                                      suggestion="See the publisher log; nothing was left half-written.",
+                                      error_code=ErrorCode.INTERNAL), header.correlation_id)
             raise
         finally:
             self.jobs -= 1
@@ -94,7 +109,7 @@ class PublisherService(Service):
         return ref.path
 
     def _locked(self, function, *args):
-        with self._one_at_a_time:
+        with self._one_at_a_time, disk_full_as_error("writing a model", self.workspace.home):
             from forgellm.services.mlx_runtime import preload_blas
 
             preload_blas()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from forgellm.schemas import ErrorCode
-from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
 from forgellm.services.common.models import read_json
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.modelio.gguf import _GLOBAL_NAMES, _LAYER_NAMES, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED
@@ -57,8 +57,11 @@ def quantize_published(ws: Workspace, model_dir: Path, bits: int, group_size: in
                     model_name=f"published/{final.name}")
         (staging / "publish.json").write_text(json.dumps(meta, indent=2))
         staging.rename(final)
-    except BaseException:
+    except BaseException as exc:
+        full = is_disk_full(exc, ws.published)
         shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise disk_full_error(f"quantizing into {final.name}", ws.published, exc) from exc
         raise
     return final
 
@@ -174,7 +177,10 @@ def export_gguf(model_dir: Path, out_file: Path) -> Path:
     try:
         mx.save_gguf(str(staging), tensors, gguf_metadata(model_dir, config))
         staging.rename(out_file)
-    except BaseException:
+    except BaseException as exc:
+        full = is_disk_full(exc, out_file.parent)
         staging.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(f"exporting {out_file.name}", out_file.parent, exc) from exc
         raise
     return out_file

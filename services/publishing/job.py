@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from forgellm.schemas import ErrorCode
-from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
 from forgellm.services.common.runs import rank_checkpoints, resolve_run
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.publishing.card import base_license, facts, write_card
@@ -94,8 +94,11 @@ def publish_checkpoint(ws: Workspace, checkpoint_path: str, training_dir: str, *
         card["checkpoint_path"] = ws.relative(checkpoint)
         write_card(staging, card)
         staging.rename(final)  # the only moment the model appears: all or nothing
-    except BaseException:
+    except BaseException as exc:
+        full = is_disk_full(exc, ws.published)  # asked before the partial files are removed
         shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise disk_full_error(f"publishing {name}", ws.published, exc) from exc
         raise
     say("done", 1.0)
     return Published(final, f"published/{name}", final / "training_dashboard.png", final / "README.md")

@@ -6,6 +6,7 @@ Shared by the trainer service and ``forgellm train`` when it runs standalone.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -71,7 +72,12 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
               "dataset_path": str(dataset), "general_dataset_path": str(general) if general else None,
               "output_dir": output_dir, "workspace": str(ws.home), "created_at": now.isoformat(timespec="seconds")}
     config.pop("type", None)
-    ckpt.atomic_write_text(run_dir / "training_config.json", json.dumps(config, indent=2))
-    ws.state_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(ws.state_dir / "current_run", output_dir)
+    try:
+        ckpt.atomic_write_text(run_dir / "training_config.json", json.dumps(config, indent=2))
+        ws.state_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(ws.state_dir / "current_run", output_dir)
+    except BaseException:
+        if not request.resume_from:  # no empty run folder left behind (a full disk)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return PreparedRun(tid, run_dir, output_dir)

@@ -36,7 +36,7 @@ from forgellm.schemas import (
     TrainingStartRequest,
     TrainingUpdate,
 )
-from forgellm.services.common.errors import ForgeError
+from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
 from forgellm.services.mlx_runtime import preload_blas
 from forgellm.services.training import checkpoints as ckpt
 from forgellm.services.training.data import (
@@ -64,11 +64,18 @@ class Metrics:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed at once)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self._file = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._file = open(path, "a")
+        if torn:  # a line cut short (a full disk, a kill): the next one must start on its own line
+            self.write_raw("\n")
+
+    def write_raw(self, text: str) -> None:
+        self._file.write(text)
+        self._file.flush()
 
     def write(self, event: str, **fields: Any) -> None:
-        self._file.write(json.dumps({"event": event, **fields, "timestamp": now_iso()}) + "\n")
-        self._file.flush()
+        self.write_raw(json.dumps({"event": event, **fields, "timestamp": now_iso()}) + "\n")
 
 
 class Run:
@@ -204,19 +211,30 @@ class Run:
     # --- checkpoints and resume -------------------------------------------------------------
 
     def save_checkpoint(self, val_loss: float | None) -> Path:
+        """Optimizer state, counters, then the adapter file: its presence means the whole
+        checkpoint is on disk. A write that fails (a full disk) removes this checkpoint's files
+        and leaves the earlier checkpoints as they were."""
         from mlx.utils import tree_flatten
 
         it = self.iteration
-        (self.run_dir / "optimizer").mkdir(exist_ok=True)
-        opt_state = dict(tree_flatten(self.optimizer.state))
-        ckpt.atomic_save_safetensors(ckpt.optimizer_file(self.run_dir, it), opt_state)
-        ckpt.atomic_write_text(ckpt.state_file(self.run_dir, it), json.dumps({
-            "iteration": it, "best_val": self.best_val, "bad_evals": self.bad_evals, "last_val": self.last_val,
-            "trained_tokens": self.trained_tokens}))
-        adapters = dict(tree_flatten(self.model.trainable_parameters()))
         path = ckpt.adapter_file(self.run_dir, it)
-        ckpt.atomic_save_safetensors(path, adapters, {"iteration": str(it), "training_id": self.training_id})
-        ckpt.atomic_save_safetensors(self.run_dir / "adapters.safetensors", adapters)  # mlx-lm's "latest"
+        try:
+            (self.run_dir / "optimizer").mkdir(exist_ok=True)
+            opt_state = dict(tree_flatten(self.optimizer.state))
+            ckpt.atomic_save_safetensors(ckpt.optimizer_file(self.run_dir, it), opt_state)
+            ckpt.atomic_write_text(ckpt.state_file(self.run_dir, it), json.dumps({
+                "iteration": it, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                "last_val": self.last_val, "trained_tokens": self.trained_tokens}))
+            adapters = dict(tree_flatten(self.model.trainable_parameters()))
+            ckpt.atomic_save_safetensors(path, adapters, {"iteration": str(it), "training_id": self.training_id})
+            ckpt.atomic_save_safetensors(self.run_dir / "adapters.safetensors", adapters)  # mlx-lm's "latest"
+        except BaseException as exc:
+            if not path.exists():
+                ckpt.optimizer_file(self.run_dir, it).unlink(missing_ok=True)
+                ckpt.state_file(self.run_dir, it).unlink(missing_ok=True)
+            if is_disk_full(exc, self.run_dir):
+                raise disk_full_error(f"writing the checkpoint at iteration {it}", self.run_dir, exc) from exc
+            raise
         self.metrics.write("checkpoint", iteration=it, file=path.name, val_loss=val_loss)
         self.reseed()
         self.events.publish(TrainingCheckpoint(training_id=self.training_id, iteration=it,
@@ -380,9 +398,24 @@ def suggestion_for(exc: BaseException) -> str:
     text = str(exc).lower()
     if isinstance(exc, MemoryError) or "memory" in text:
         return "Reduce batch_size or max_seq_length, enable grad_checkpoint, or use a smaller model."
-    if isinstance(exc, OSError) and "space" in text:
-        return "Free disk space in the workspace; earlier checkpoints are intact."
     return "See the trainer log for details; resume from the last checkpoint with resume_from."
+
+
+def describe_failure(exc: BaseException, run_dir: Path) -> ForgeError:
+    """What a failed run reports: a ForgeError as raised, a full disk as DISK_FULL (however it
+    surfaced), anything else with the exception's type and a suggestion."""
+    if isinstance(exc, ForgeError):
+        error = exc
+    elif is_disk_full(exc, run_dir):
+        error = disk_full_error("training", run_dir, exc)
+    else:
+        return ForgeError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", suggestion=suggestion_for(exc))
+    if error.code == ErrorCode.DISK_FULL:
+        error.suggestion = ("Free disk space on the drive that holds the workspace; the earlier checkpoints are "
+                            "intact: resume from the last one with resume_from (the run folder).")
+    elif not error.suggestion:
+        error.suggestion = suggestion_for(exc)
+    return error
 
 
 def main(argv: list[str]) -> int:
@@ -413,10 +446,14 @@ def main(argv: list[str]) -> int:
         return 0
     except Exception as exc:  # reported on the bus and in metrics.jsonl, then a non-zero exit
         log.exception("training_failed")
-        suggestion = exc.suggestion if isinstance(exc, ForgeError) and exc.suggestion else suggestion_for(exc)
-        run.metrics.write("error", iteration=run.iteration, error=str(exc), suggestion=suggestion)
-        events.publish(TrainingError(training_id=run.training_id, error=f"{type(exc).__name__}: {exc}",
-                                     iteration=run.iteration, suggestion=suggestion))
+        error = describe_failure(exc, run_dir)
+        events.publish(TrainingError(training_id=run.training_id, error=str(error), iteration=run.iteration,
+                                     suggestion=error.suggestion, error_code=error.code))
+        try:  # the bus first: on a full disk this line may not fit
+            run.metrics.write("error", iteration=run.iteration, error=str(error), suggestion=error.suggestion,
+                              error_code=error.code)
+        except OSError as failed:
+            log.warning("error_not_written_to_metrics", error=str(failed))
         return 1
     finally:
         events.close()  # LINGER lets the last events leave before the process exits
