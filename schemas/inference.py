@@ -59,7 +59,10 @@ class GenerateRequest(Request, kw_only=True):
     stop: list[str] = []
     streaming: bool = False
     is_base_model: bool = False
-    adapter: str | None = None
+    # This request's own LoRA adapter (a run folder, adapter folder or checkpoint file, as
+    # adapter_path on load), applied on the loaded base without reloading it; "none": the bare
+    # base model even when it was loaded with an adapter.
+    adapter: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
     # Names the generation so GenerateCancelRequest can stop it. The gateway always sets a
     # fresh one (a value given in a REST body is replaced).
     generation_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
@@ -81,6 +84,7 @@ class GenerateReply(Reply, kw_only=True):
     time_to_first_token: float | None = None
     finish_reason: str = "stop"  # stop (EOS or a stop string) | length | cancelled
     prompt_tokens: int = 0
+    adapter_file: str | None = None  # the adapter file applied (the request's own or the loaded one)
 
 
 class GenerateCancelRequest(Request, kw_only=True):

@@ -72,7 +72,7 @@ from forgellm.services.base import Service, handles
 from forgellm.services.common.errors import ForgeError
 from forgellm.services.common.models import ModelRef, resolve_model
 from forgellm.services.common.workspace import Workspace
-from forgellm.services.generation.adapters import AdapterChoice, resolve_adapter
+from forgellm.services.generation.adapters import NO_ADAPTER, AdapterChoice, resolve_adapter
 from forgellm.services.generation.worker import MlxWorker
 
 if TYPE_CHECKING:
@@ -190,6 +190,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     cancel: threading.Event = field(default_factory=threading.Event)
     started: bool = False
+    adapter_requested: bool = False  # the request named an adapter (``adapter``: None = "none")
+    adapter: AdapterChoice | None = None
+    adapter_file: str | None = None  # what is applied, for the reply
     frames: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
 
     def emit(self, kind: str, value: Any) -> None:
@@ -431,16 +434,20 @@ class InferenceService(Service):
     async def generate(self, request: GenerateRequest, header: Envelope) -> Reply | Any:
         await self._wait_for_load()
         loaded = self._require_model()
-        if request.adapter is not None:
-            raise ForgeError(ErrorCode.NOT_IMPLEMENTED, "Per-request adapters are not supported yet",
-                             details={"field": "adapter"},
-                             suggestion="Load the adapter with the model: POST /api/model/load with adapter_path.")
+        adapter_requested, adapter = False, None
+        if request.adapter is not None:  # this request's own adapter (or "none": the bare base)
+            adapter_requested = True
+            if request.adapter.strip().lower() != NO_ADAPTER:
+                adapter = await asyncio.to_thread(resolve_adapter, self.workspace, request.adapter, "adapter")
         self._next_id += 1
         job_id = request.generation_id or f"{header.msg_id}-{self._next_id}"
         if job_id in self.jobs:
             raise ForgeError(ErrorCode.INVALID_REQUEST, "generation_id already in use",
                              details={"field": "generation_id"})
-        job = Job(job_id, request, time.perf_counter(), asyncio.get_running_loop())
+        applied = adapter if adapter_requested else loaded.adapter
+        job = Job(job_id, request, time.perf_counter(), asyncio.get_running_loop(),
+                  adapter_requested=adapter_requested, adapter=adapter,
+                  adapter_file=self.workspace.relative(applied.weights) if applied else None)
         self.jobs[job_id] = job
         if request.seed is not None:  # reproducible sampling needs the random state to itself
             self._spawn(self.worker.run(self._generate_in_worker, job, loaded))
@@ -506,11 +513,20 @@ class InferenceService(Service):
             time_to_first_token=round(result.time_to_first_token, 4),
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
+            adapter_file=job.adapter_file,
         )
 
     def _take_batch_items(self, loaded: LoadedModel, idle: bool) -> list[Any]:
         """MLX thread: the requests that arrived for ``loaded`` (prompt built here); when
         ``idle`` and none arrived, mark the batch loop stopped, atomically."""
+        while True:
+            items = self._take_arrived_items(loaded, idle)
+            # Everything that arrived was answered already (an error, a cancel): look again, so
+            # that an empty answer while idle always comes with the loop marked stopped.
+            if items is not None:
+                return items
+
+    def _take_arrived_items(self, loaded: LoadedModel, idle: bool) -> list[Any] | None:
         engine = _engine()
         from forgellm.services.generation.batching import BatchItem
 
@@ -538,6 +554,7 @@ class InferenceService(Service):
                 tokens = engine.prompt_tokens(
                     loaded, request.prompt, [{"role": m.role, "content": m.content} for m in request.history],
                     is_base_model=request.is_base_model)
+                key = engine.prepare_adapter(loaded, job.adapter) if job.adapter_requested else None
             except ForgeError as exc:
                 job.emit("error", exc)
                 continue
@@ -548,8 +565,9 @@ class InferenceService(Service):
             items.append(BatchItem(
                 tokens=tokens, params=params, started_at=job.accepted_at,
                 on_text=(lambda text, job=job: job.emit("text", text)) if request.streaming else None,
-                on_done=lambda result, job=job: job.emit("done", result), should_stop=job.cancel.is_set))
-        return items
+                on_done=lambda result, job=job: job.emit("done", result), should_stop=job.cancel.is_set,
+                adapter=key))
+        return None if idle and not items else items
 
     def _gather_burst(self) -> None:
         """MLX thread, batch idle: let a burst of concurrent requests arrive before the prefill, so
@@ -606,8 +624,9 @@ class InferenceService(Service):
                 max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                 repetition_penalty=request.repetition_penalty, seed=request.seed, stop=tuple(request.stop))
             on_text = (lambda text: job.emit("text", text)) if request.streaming else None
+            key = engine.prepare_adapter(loaded, job.adapter) if job.adapter_requested else None
             result = engine.generate(loaded, tokens, params, on_text=on_text, should_stop=job.cancel.is_set,
-                                     started_at=job.accepted_at)
+                                     started_at=job.accepted_at, adapter=key)
             job.emit("done", result)
         except ForgeError as exc:
             job.emit("error", exc)

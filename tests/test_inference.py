@@ -321,6 +321,80 @@ def test_an_adapter_for_another_model_is_refused(served):
     assert current["loaded"] is False and "does not fit" in current["error"]
 
 
+def test_per_request_adapters_on_one_loaded_base_batched_together(served):
+    run1, exact = "models/ift/run1", "models/ift/run1/0000030_adapters.safetensors"
+    prompt = {"prompt": "Tell me a story", "max_tokens": 12, **GREEDY}
+
+    def answer(**extra) -> dict:
+        code, body = generate(served, **prompt, **extra)
+        assert code == 200, body
+        return body
+
+    load(served)  # the bare base model
+    base = answer()
+    assert base["adapter_file"] is None
+    best = answer(adapter=run1)
+    assert best["adapter_file"] == "models/ift/run1/0000020_adapters.safetensors"  # the run's best
+    other = answer(adapter=exact)
+    assert other["adapter_file"] == exact
+    assert len({base["response"], best["response"], other["response"]}) == 3
+    assert answer()["response"] == base["response"]  # the base is untouched between requests
+
+    # The same adapter applied at load time gives the same text; "none" bypasses it, and another
+    # adapter replaces it (not stacked on it).
+    load(served, adapter=run1)
+    assert answer()["response"] == best["response"]
+    assert answer(adapter="none")["response"] == base["response"]
+    assert answer(adapter=exact)["response"] == other["response"]
+
+    # Mixed in one burst: each request gets its own adapter's text (one batch per adapter).
+    choices = [None, "none", run1, exact] * 2
+    expected = {None: best, "none": base, run1: best, exact: other}
+    results: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        extra = {"adapter": choices[i]} if choices[i] else {}
+        results[i] = generate(served, **prompt, **extra)[1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(choices))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [results[i]["response"] for i in range(len(choices))] == [
+        expected[c]["response"] for c in choices]
+    streamed = stream_lines(served, {**prompt, "adapter": exact})[1]
+    assert "".join(line["token"] for line in streamed[:-1]) == other["response"]
+    assert streamed[-1]["adapter_file"] == exact
+    assert status(served)["adapter_file"] == "models/ift/run1/0000020_adapters.safetensors"  # load-time one kept
+
+
+def test_a_per_request_adapter_that_cannot_apply_is_a_clear_error(served):
+    load(served)
+    code, body = generate(served, prompt="hi", adapter="models/ift/nothing-here")
+    assert code == 404 and body["error_code"] == "CHECKPOINT_NOT_FOUND" and body["details"]["field"] == "adapter"
+    code, body = generate(served, prompt="hi", adapter="../../etc")
+    assert code in (400, 403) and body["details"]["field"] == "adapter", body
+    misfit = served.home / "models" / "ift" / "misfit"
+    write_lora_run(misfit, served.home / "models" / "base" / "tiny", {5: 1.0}, rank=4)
+    weights = misfit / "0000005_adapters.safetensors"
+    import mlx.core as mx  # the test writes a deliberately wrong tensor
+
+    tensors = mx.load(str(weights))
+    first_a = next(name for name in tensors if name.endswith(".lora_a"))
+    tensors[first_a] = mx.zeros((tensors[first_a].shape[0] + 3, 4))
+    mx.save_safetensors(str(weights), tensors)
+    code, body = generate(served, prompt="hi", adapter="models/ift/misfit")
+    assert code == 400 and "does not fit" in body["error"] and body["details"]["field"] == "adapter", body
+    dora = served.home / "models" / "ift" / "dora"
+    write_lora_run(dora, served.home / "models" / "base" / "tiny", {5: 1.0})
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "fine_tune_type": "dora"}))
+    code, body = generate(served, prompt="hi", adapter="models/ift/dora")
+    assert code == 400 and "LoRA" in body["error"] and "adapter_path" in body["suggestion"], body
+    assert generate(served, prompt="hi", max_tokens=4)[0] == 200  # the model still serves
+
+
 def test_health_shows_the_model_server(served):
     load(served)
     code, body, _ = http("GET", served.server + "/api/health")

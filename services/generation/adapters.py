@@ -20,6 +20,9 @@ from forgellm.services.common.runs import CHECKPOINT_FILE, is_run_dir, rank_chec
 from forgellm.services.common.workspace import Workspace
 
 FINAL_ADAPTER = "adapters.safetensors"
+# ``GenerateRequest.adapter`` value that asks for the bare base model, even when the model was
+# loaded with an adapter (the web chat's side-by-side "base vs fine-tuned" uses it).
+NO_ADAPTER = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,30 +35,32 @@ class AdapterChoice:
     validation_loss: float | None = None
 
 
-def _not_found(adapter_path: str, why: str, suggestion: str) -> ForgeError:
+def _not_found(adapter_path: str, why: str, suggestion: str, field: str) -> ForgeError:
     return ForgeError(ErrorCode.CHECKPOINT_NOT_FOUND, why,
-                      details={"field": "adapter_path", "adapter_path": adapter_path}, suggestion=suggestion)
+                      details={"field": field, field: adapter_path}, suggestion=suggestion)
 
 
-def resolve_adapter(workspace: Workspace, adapter_path: str) -> AdapterChoice:
-    """The adapter file ``adapter_path`` names, or a ``ForgeError`` (404 / 403 / 400)."""
-    path = workspace.resolve(adapter_path, field="adapter_path", allow_absolute=True)
+def resolve_adapter(workspace: Workspace, adapter_path: str, field: str = "adapter_path") -> AdapterChoice:
+    """The adapter file ``adapter_path`` names, or a ``ForgeError`` (404 / 403 / 400) naming
+    ``field`` (the request field it came from)."""
+    path = workspace.resolve(adapter_path, field=field, allow_absolute=True)
     listing = "GET /api/checkpoints lists a run's checkpoints."
     if not path.exists():
-        raise _not_found(adapter_path, f"No adapter at '{adapter_path}'", listing)
+        raise _not_found(adapter_path, f"No adapter at '{adapter_path}'", listing, field)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ForgeError(ErrorCode.INVALID_REQUEST, "'adapter_path' must be a run folder or a .safetensors file",
-                             details={"field": "adapter_path", "adapter_path": adapter_path}, suggestion=listing)
+                             details={"field": field, field: adapter_path}, suggestion=listing)
         if not (path.parent / "adapter_config.json").is_file():
             raise _not_found(adapter_path, f"No adapter_config.json beside '{adapter_path}'",
-                             "A checkpoint file must sit in its run folder, next to adapter_config.json.")
+                             "A checkpoint file must sit in its run folder, next to adapter_config.json.", field)
         match = CHECKPOINT_FILE.match(path.name)
         return AdapterChoice(adapter_path, path.parent, path, f"checkpoint file {workspace.relative(path)}",
                              iteration=int(match.group(1)) if match else None)
     if not (path / "adapter_config.json").is_file():
         raise _not_found(adapter_path, f"'{adapter_path}' has no adapter_config.json",
-                         "Give a training run folder (models/cpt/<run> or models/ift/<run>) or one checkpoint file.")
+                         "Give a training run folder (models/cpt/<run> or models/ift/<run>) or one checkpoint file.",
+                         field)
     if is_run_dir(path):
         ranking = rank_checkpoints(workspace, path)
         best = next((c for c in ranking.checkpoints if c.is_best), None)
@@ -73,4 +78,4 @@ def resolve_adapter(workspace: Workspace, adapter_path: str) -> AdapterChoice:
         return AdapterChoice(adapter_path, path, newest,
                              f"newest checkpoint {newest.name} (no validation loss recorded)",
                              iteration=int(newest.name[:7]))
-    raise _not_found(adapter_path, f"'{adapter_path}' holds no adapter weights", listing)
+    raise _not_found(adapter_path, f"'{adapter_path}' holds no adapter weights", listing, field)

@@ -48,6 +48,7 @@ class LoadedModel:
     model_type: str  # "instruct" when the tokenizer has a chat template, else "base"
     adapter: AdapterChoice | None
     load_seconds: float
+    bank: Any = None  # an ``AdapterBank`` once a request names its own adapter
 
 
 @dataclass(slots=True)
@@ -147,6 +148,16 @@ def load(path: Path, *, name: str, adapter: AdapterChoice | None = None) -> Load
                        load_seconds=time.perf_counter() - started)
 
 
+def prepare_adapter(loaded: LoadedModel, choice: AdapterChoice | None) -> str:
+    """The ``AdapterBank`` key of a per-request adapter (``None``: no adapter at all), its
+    weights read on first use; raises ``ForgeError`` when it does not fit the model."""
+    if loaded.bank is None:
+        from forgellm.services.generation.adapter_bank import AdapterBank
+
+        loaded.bank = AdapterBank(loaded.model)
+    return loaded.bank.ensure(choice, loaded.adapter)
+
+
 # --- prompts ---------------------------------------------------------------------------------
 
 
@@ -212,9 +223,25 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     started_at: float | None = None,
+    adapter: str | None = None,
 ) -> GenerationResult:
     """Generate from ``tokens``; ``on_text`` gets each piece of text as it is decoded (stop
-    strings never reach it); ``should_stop`` is polled between tokens (cancellation)."""
+    strings never reach it); ``should_stop`` is polled between tokens (cancellation);
+    ``adapter`` is a key from ``prepare_adapter`` (None: the model as loaded)."""
+    if loaded.bank is not None:
+        with loaded.bank.using(adapter):
+            return _generate(loaded, tokens, params, on_text, should_stop, started_at)
+    return _generate(loaded, tokens, params, on_text, should_stop, started_at)
+
+
+def _generate(
+    loaded: LoadedModel,
+    tokens: list[int],
+    params: SamplingParams,
+    on_text: Callable[[str], None] | None,
+    should_stop: Callable[[], bool] | None,
+    started_at: float | None,
+) -> GenerationResult:
     begin = time.perf_counter()
     started_at = begin if started_at is None else started_at
     if params.seed is not None:
