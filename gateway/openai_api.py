@@ -17,10 +17,9 @@ Mapping (what an OpenAI client sends -> ``GenerateRequest``):
 * ``max_tokens`` (or ``max_completion_tokens``), default 512; ``temperature`` (default 1.0, as
   OpenAI's), ``top_p`` (default 1.0), ``stop`` (string or list), ``seed`` (a seeded request runs
   alone, outside the batch, to be reproducible).
-* ``frequency_penalty`` / ``presence_penalty`` are additive in OpenAI; the engine has mlx-lm's
-  multiplicative repetition penalty, so a positive value ``p`` maps to
-  ``repetition_penalty = 1 + p / 2`` (2.0 -> 2.0), zero or negative values are ignored. A
-  non-standard ``repetition_penalty`` field (vLLM's name) is passed as it is and wins.
+* ``frequency_penalty`` / ``presence_penalty`` (-2..2) are applied exactly as OpenAI defines them,
+  over the tokens generated so far (``engine.OpenAIPenalties``). A non-standard
+  ``repetition_penalty`` field (vLLM's name, mlx-lm's multiplicative penalty) is passed as is.
 * Refused with a 400 rather than silently ignored: ``n`` > 1, ``tools``/``functions``,
   ``logprobs``, a ``response_format`` other than text, completions' ``suffix``, ``best_of`` > 1,
   token-id prompts and more than one prompt. Other fields (``user``, ``logit_bias``, ...) are
@@ -237,11 +236,12 @@ def _sampling(body: _Common, max_tokens: int | None) -> dict[str, Any]:
         fields["stop"] = [s for s in stops if s]
     if body.seed is not None:
         fields["seed"] = body.seed
-    penalty = max(body.frequency_penalty or 0.0, body.presence_penalty or 0.0)
+    if body.frequency_penalty:
+        fields["frequency_penalty"] = body.frequency_penalty
+    if body.presence_penalty:
+        fields["presence_penalty"] = body.presence_penalty
     if body.repetition_penalty is not None:
         fields["repetition_penalty"] = body.repetition_penalty
-    elif penalty > 0:
-        fields["repetition_penalty"] = 1.0 + penalty / 2
     return fields
 
 

@@ -55,6 +55,9 @@ class GenerateRequest(Request, kw_only=True):
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.7
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] = 1.0
+    # OpenAI's additive penalties over the tokens generated so far (beyond the reference)
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
     seed: int | None = None
     stop: list[str] = []
     streaming: bool = False

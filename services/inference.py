@@ -561,7 +561,8 @@ class InferenceService(Service):
             job.started = True
             params = engine.SamplingParams(
                 max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                repetition_penalty=request.repetition_penalty, stop=tuple(request.stop))
+                repetition_penalty=request.repetition_penalty, stop=tuple(request.stop),
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty)
             items.append(BatchItem(
                 tokens=tokens, params=params, started_at=job.accepted_at,
                 on_text=(lambda text, job=job: job.emit("text", text)) if request.streaming else None,
@@ -622,7 +623,8 @@ class InferenceService(Service):
                 is_base_model=request.is_base_model)
             params = engine.SamplingParams(
                 max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                repetition_penalty=request.repetition_penalty, seed=request.seed, stop=tuple(request.stop))
+                repetition_penalty=request.repetition_penalty, seed=request.seed, stop=tuple(request.stop),
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty)
             on_text = (lambda text: job.emit("text", text)) if request.streaming else None
             key = engine.prepare_adapter(loaded, job.adapter) if job.adapter_requested else None
             result = engine.generate(loaded, tokens, params, on_text=on_text, should_stop=job.cancel.is_set,

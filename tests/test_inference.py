@@ -321,6 +321,30 @@ def test_an_adapter_for_another_model_is_refused(served):
     assert current["loaded"] is False and "does not fit" in current["error"]
 
 
+def test_openai_penalties_count_generated_tokens_only():
+    from forgellm.services.generation.engine import OpenAIPenalties, mx
+
+    penalties = OpenAIPenalties(presence=0.5, frequency=2.0)
+    zeros = mx.zeros((1, 10))
+    first = penalties(mx.array([5, 6]), zeros)  # the prompt: nothing generated yet
+    assert first.tolist() == zeros.tolist()
+    second = penalties(mx.array([5, 6, 7]), zeros)  # token 7 was sampled once
+    assert second[0, 7].item() == -2.5 and second[0, 5].item() == 0.0 and second[0, 6].item() == 0.0
+    third = penalties(mx.array([5, 6, 7, 7]), zeros)  # twice
+    assert third[0, 7].item() == -4.5 and float(mx.abs(third).sum().item()) == 4.5
+
+
+def test_presence_and_frequency_penalties_through_rest(served):
+    load(served)
+    plain = generate(served, prompt="Tell me a story", max_tokens=12, **GREEDY)[1]["response"]
+    code, body = generate(served, prompt="Tell me a story", max_tokens=12, frequency_penalty=2.0, **GREEDY)
+    assert code == 200 and body["response"] != plain
+    assert generate(served, prompt="Tell me a story", max_tokens=12, frequency_penalty=2.0, seed=3,
+                    **GREEDY)[1]["response"] == body["response"]  # one at a time = in the batch
+    code, body = generate(served, prompt="hi", presence_penalty=2.5)
+    assert code == 400 and body["details"]["field"] == "presence_penalty"
+
+
 def test_per_request_adapters_on_one_loaded_base_batched_together(served):
     run1, exact = "models/ift/run1", "models/ift/run1/0000030_adapters.safetensors"
     prompt = {"prompt": "Tell me a story", "max_tokens": 12, **GREEDY}

@@ -19,9 +19,15 @@ from typing import Any
 
 import structlog
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_sampler
 
-from forgellm.services.generation.engine import GenerationResult, LoadedModel, SamplingParams, StopFilter
+from forgellm.services.generation.engine import (
+    GenerationResult,
+    LoadedModel,
+    SamplingParams,
+    StopFilter,
+    logits_processors,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -79,8 +85,7 @@ class _Group:
 
     def insert(self, loaded: LoadedModel, item: BatchItem) -> None:
         params = item.params
-        processors = (make_logits_processors(repetition_penalty=params.repetition_penalty)
-                      if params.repetition_penalty != 1.0 else [])
+        processors = logits_processors(params)
         (uid,) = self.generator.insert([item.tokens], max_tokens=[params.max_tokens],
                                        samplers=[make_sampler(temp=params.temperature, top_p=params.top_p)],
                                        logits_processors=[processors])

@@ -59,6 +59,46 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    presence_penalty: float = 0.0  # OpenAI's additive penalties, over the generated tokens
+    frequency_penalty: float = 0.0
+
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties, exactly: every logit j minus
+    ``frequency · count[j] + presence · (count[j] > 0)``, where ``count`` counts the tokens this
+    request has *generated* so far (not the prompt; no window). mlx-lm's own processors look at
+    the last 20 tokens of prompt + output instead.
+
+    A processor is called once per sampled token with the token history, whose last entry is the
+    token sampled at the previous step (the first call ends with the prompt), so it keeps its
+    own counts: one instance per request."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence, self.frequency = presence, frequency
+        self.counts: dict[int, int] = {}
+        self.calls = 0
+
+    def __call__(self, tokens: Any, logits: mx.array) -> mx.array:
+        if self.calls:
+            last = tokens[-1]
+            token = int(last.item()) if hasattr(last, "item") else int(last)
+            self.counts[token] = self.counts.get(token, 0) + 1
+        self.calls += 1
+        if not self.counts:
+            return logits
+        ids = mx.array(list(self.counts))
+        amounts = mx.array([self.frequency * n + self.presence for n in self.counts.values()], dtype=logits.dtype)
+        return logits.at[:, ids].subtract(amounts)
+
+
+def logits_processors(params: SamplingParams) -> list[Callable[[Any, mx.array], mx.array]]:
+    """The per-request logits processors ``params`` asks for (fresh state each call)."""
+    processors: list[Callable[[Any, mx.array], mx.array]] = []
+    if params.repetition_penalty != 1.0:
+        processors += make_logits_processors(repetition_penalty=params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(OpenAIPenalties(params.presence_penalty, params.frequency_penalty))
+    return processors
 
 
 @dataclass(slots=True)
@@ -247,8 +287,7 @@ def _generate(
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(temp=params.temperature, top_p=params.top_p)
-    processors = (make_logits_processors(repetition_penalty=params.repetition_penalty)
-                  if params.repetition_penalty != 1.0 else None)
+    processors = logits_processors(params) or None
     stop_filter = StopFilter(params.stop)
     count, first_token_at, finish = 0, None, "length"
     eos = set(loaded.tokenizer.eos_token_ids)
