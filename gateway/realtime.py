@@ -1,5 +1,7 @@
 """Socket.IO: ``subscribe_training`` and the ``training.*`` bus events turned into the
-reference's ``training_update`` / ``training_complete`` / ``training_error``.
+reference's ``training_update`` / ``training_complete`` / ``training_error``, plus
+``training_checkpoint`` (an extension: a checkpoint is on disk, with its iteration, path and
+validation loss) so that a client's checkpoint list follows the run without polling.
 
 Subscribe first, then snapshot (the "Clone" pattern): a client that joins mid-run gets the
 current state at once from the trainer, then every live update.
@@ -16,6 +18,7 @@ import structlog
 
 from forgellm.bus import AsyncRpcClient, AsyncSubscriber, BusError
 from forgellm.schemas import (
+    TrainingCheckpoint,
     TrainingComplete,
     TrainingError,
     TrainingStatusReply,
@@ -29,6 +32,7 @@ SOCKETIO_EVENTS: dict[type, str] = {
     TrainingUpdate: "training_update",
     TrainingComplete: "training_complete",
     TrainingError: "training_error",
+    TrainingCheckpoint: "training_checkpoint",
 }
 ALL_RUNS = "training:*"
 

@@ -357,6 +357,55 @@ def test_gateway_restart_mid_run_reconnects_with_the_whole_curve(ui_platform, br
     assert not console.unexpected(), console.errors
     page.close()
 
+@needs_chromium
+def test_checkpoints_table_follows_checkpoint_events(ui_platform, browser):
+    """``training.checkpoint`` reaches the page as ``training_checkpoint`` and the table grows from
+    it alone: GET /api/checkpoints is held unanswered meanwhile (no polling, no re-read needed)."""
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    console = Console(page)
+    frames: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(str(payload))))
+    page.goto(ui_platform.web + "/#monitor")
+    page.wait_for_function("() => document.querySelector('#live').textContent === 'live'")
+    status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
+        "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64, "max_iterations": 100000,
+        "learning_rate": 0.002, "steps_per_report": 10, "save_every": 20, "steps_per_eval": 20,
+        "early_stopping_patience": 0})
+    assert status == 200, body
+    held, holding = [], [True]
+    try:
+        page.wait_for_function("id => document.querySelector('#mon-run').textContent.includes(id)"
+                               " && document.querySelector('#mon-phase').textContent === 'training'",
+                               arg=body["training_id"], timeout=30_000)
+        page.route("**/api/checkpoints*", lambda route: held.append(route) if holding else route.continue_())
+        before = page.locator("[data-testid=checkpoints] tbody tr").count()
+        page.wait_for_function("n => document.querySelectorAll('[data-testid=checkpoints] tbody tr').length >= n",
+                               arg=before + 2, timeout=60_000)
+        assert any("training_checkpoint" in f for f in frames), frames[-5:]
+        table = page.locator("[data-testid=checkpoints]")
+        iterations = [int(i) for i in table.locator("tbody tr").evaluate_all("rs => rs.map(r => r.dataset.iteration)")]
+        assert iterations == sorted(iterations) and all(i % 20 == 0 for i in iterations), iterations
+        assert table.locator("tr.best").count() == 1
+        ranks = table.locator("tbody tr td:nth-child(3)").all_text_contents()
+        assert sorted(int(r) for r in ranks) == list(range(1, len(ranks) + 1)), ranks
+        shot(page, "monitor-checkpoints-live")
+        # Let the held re-read through: it fills in the sizes of those checkpoints.
+        holding.clear()
+        for route in held:
+            route.continue_()
+        page.wait_for_function("its => its.every(i => document.querySelector(`[data-testid=checkpoints] "
+                               "tr[data-iteration='${i}'] td:nth-child(5)`)?.textContent !== '—')", arg=iterations)
+    finally:
+        http("POST", ui_platform.web + "/api/training/stop")
+        deadline = time.monotonic() + 60
+        while http("GET", ui_platform.web + "/api/training/status")[1]["is_training"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    page.wait_for_function("() => document.querySelector('#mon-phase').textContent === 'stopped'", timeout=30_000)
+    assert not console.unexpected(), console.errors
+    page.close()
+
+
 def test_artifacts_folder_is_ignored_by_git():
     root = Path(__file__).parent.parent
     if shutil.which("git") and (root / ".git").exists():

@@ -82,6 +82,7 @@ function connectSocket() {
   socket.on("training_update", (data) => monitor.onUpdate(data));
   socket.on("training_complete", (data) => monitor.onComplete(data));
   socket.on("training_error", (data) => monitor.onError(data));
+  socket.on("training_checkpoint", (data) => monitor.onCheckpoint(data));
   return socket;
 }
 

@@ -1,5 +1,5 @@
 // Monitor: the run's whole history from GET /api/dashboard/data, then live Socket.IO updates
-// (no polling); checkpoints table, Stop, Publish.
+// (no polling); the checkpoints table follows `training_checkpoint` events; Stop, Publish.
 
 import {
   $, api, busy, clearError, errorBox, fmtEta, fmtGb, fmtInt, fmtLr, fmtMb, fmtNum, fmtTokens, go, h,
@@ -16,7 +16,7 @@ const charts = {};
 let socket = null;
 let loading = null;
 const buffered = [];
-let checkpointTimer = null;
+let sizesTimer = null;
 
 export function prepare() {
   charts.loss = new LineChart($("#chart-loss"), {
@@ -68,7 +68,7 @@ export function loadCurrent() {
     } finally {
       loading = null;
     }
-    for (const update of buffered.splice(0)) onUpdate(update);
+    for (const event of buffered.splice(0)) (event.kind === "checkpoint" ? onCheckpoint : onUpdate)(event.data);
   })();
   return loading;
 }
@@ -144,7 +144,7 @@ function isEval(update) {
 // --- Socket.IO events ---------------------------------------------------------------------------
 
 export function onUpdate(update) {
-  if (loading) { buffered.push(update); return; }
+  if (loading) { buffered.push({ kind: "update", data: update }); return; }
   if (!update || update.training_id !== run.id) {
     // A run we do not show yet (a new one, or the page just loaded): load it whole.
     if (update && update.training_id) loadCurrent();
@@ -157,9 +157,43 @@ export function onUpdate(update) {
   if (update.training_loss !== null && update.training_loss !== undefined) {
     upsert(update, isEval(update));
     renderCharts();
-    if (run.config?.save_every && update.iteration % run.config.save_every === 0) scheduleCheckpoints();
   }
   renderHeader();
+}
+
+/** `training_checkpoint`: a checkpoint is on disk. Added to the table and the loss chart at once,
+ * ranked like the catalog ranks them (lowest validation loss first, the later one on a tie); the
+ * file sizes are read afterwards from GET /api/checkpoints (at most twice a second). */
+export function onCheckpoint(event) {
+  if (loading) { buffered.push({ kind: "checkpoint", data: event }); return; }
+  if (!event || event.training_id !== run.id || !run.dir) {
+    if (event && event.training_id) loadCurrent();
+    return;
+  }
+  const file = String(event.path || "").split(/[\\/]/).pop();
+  const known = run.checkpoints.find((c) => c.iteration === event.iteration);
+  const entry = {
+    ...(known || { size_mb: null }),
+    iteration: event.iteration,
+    path: known?.path || `${run.dir}/${file}`,
+    validation_loss: event.validation_loss ?? known?.validation_loss ?? null,
+  };
+  run.checkpoints = [...run.checkpoints.filter((c) => c.iteration !== event.iteration), entry];
+  rank(run.checkpoints);
+  renderCheckpoints();
+  renderCharts();
+  // At most one re-read per half second, however fast checkpoints come.
+  sizesTimer ??= setTimeout(() => {
+    sizesTimer = null;
+    if (!loading) refreshCheckpoints({ keepLive: true }).then(renderCharts);
+  }, 500);
+}
+
+function rank(checkpoints) {
+  const scored = checkpoints.filter((c) => c.validation_loss !== null && c.validation_loss !== undefined)
+    .sort((a, b) => a.validation_loss - b.validation_loss || b.iteration - a.iteration);
+  for (const c of checkpoints) { c.rank = null; c.is_best = false; }
+  scored.forEach((c, i) => { c.rank = i + 1; c.is_best = i === 0; });
 }
 
 export function onComplete(done) {
@@ -192,16 +226,19 @@ async function stop() {
   renderHeader();
 }
 
-function scheduleCheckpoints() {
-  clearTimeout(checkpointTimer);
-  checkpointTimer = setTimeout(() => refreshCheckpoints().then(renderCharts), 150);
-}
-
-async function refreshCheckpoints() {
+/** GET /api/checkpoints for the shown run. ``keepLive``: checkpoints that events announced while
+ * the request was out stay in the table (re-ranked) rather than blink out until the next read. */
+async function refreshCheckpoints({ keepLive = false } = {}) {
   if (!run.dir) return;
+  const dir = run.dir;
   try {
-    const data = await api("/api/checkpoints", { query: { training_dir: run.dir } });
-    run.checkpoints = data.checkpoints || [];
+    const data = await api("/api/checkpoints", { query: { training_dir: dir } });
+    if (run.dir !== dir) return;
+    const listed = data.checkpoints || [];
+    const seen = new Set(listed.map((c) => c.iteration));
+    const newer = keepLive ? run.checkpoints.filter((c) => !seen.has(c.iteration)) : [];
+    run.checkpoints = [...listed, ...newer];
+    if (newer.length) rank(run.checkpoints);
   } catch (err) {
     showError($("#mon-checkpoints"), err, "Could not list the checkpoints");
     return;
@@ -299,7 +336,7 @@ function renderCheckpoints() {
     wrap.replaceChildren(h("p", { class: "muted" }, run.dir ? "No checkpoints yet." : "No run."));
     return;
   }
-  const rows = [...run.checkpoints].sort((a, b) => a.iteration - b.iteration).map((c) => h("tr", { class: c.is_best ? "best" : "" },
+  const rows = [...run.checkpoints].sort((a, b) => a.iteration - b.iteration).map((c) => h("tr", { class: c.is_best ? "best" : "", "data-iteration": c.iteration },
     h("td", { class: "num" }, fmtInt(c.iteration)),
     h("td", { class: "num" }, fmtNum(c.validation_loss)),
     h("td", { class: "num" }, c.rank ?? "—"),
