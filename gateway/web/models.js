@@ -1,8 +1,13 @@
 // Models: base, cached, CPT, IFT and published models; load one into the model server; import
 // a GGUF, pull from the Hub, install the demo model; quantize / export a published model.
 
-import { $, api, busy, clearError, errorBox, fmtDate, fmtGb, go, h, openPublished, showError, toast } from "./api.js";
+import { $, api, busy, clearError, errorBox, fmtDate, fmtGb, fmtMb, go, h, openPublished, showError, toast } from "./api.js";
 import { getModels, loadModel, onModelStatus, publishedName, refreshModelStatus } from "./store.js";
+
+// Every add/derive action answers only when its job is done (the publisher runs it; the reply is
+// the result), so while it runs the card shows an indeterminate progress bar and the time so far.
+
+const FALLBACK_CHOICES = { bits: { enum: [4, 8], default: 4 }, group_size: { enum: [32, 64, 128], default: 64 } };
 
 export function init() {
   $("#models-refresh").addEventListener("click", () => show());
@@ -11,35 +16,122 @@ export function init() {
     await refreshModelStatus();
   }, $("#models-error")));
   onModelStatus(renderServer);
+
   $("#gguf-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    const button = event.submitter || $("#gguf-form button[type=submit]");
-    const out = $("#gguf-result");
-    busy(button, "Importing…", async () => {
-      const reply = await api("/api/models/import_gguf", { method: "POST",
-        body: { path: $("#gguf-path").value.trim(), name: $("#gguf-name").value.trim() || null } });
-      out.replaceChildren(h("div", { class: "ok-box", role: "status" }, reply.message, " — ", h("code", {}, reply.model_name)));
+    const form = event.currentTarget;
+    runJob(form, form.querySelector("button[type=submit]"), $("#gguf-result"), "Importing the GGUF", async () => {
+      const reply = await api("/api/models/import_gguf", { method: "POST", body: {
+        path: $("#gguf-path").value.trim(), name: $("#gguf-name").value.trim() || null, force: $("#gguf-force").checked,
+      } });
       await show();
-    }, out);
+      return added(reply, reply.model_name);
+    });
   });
   $("#pull-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    const button = event.submitter || $("#pull-form button[type=submit]");
-    const out = $("#pull-result");
-    busy(button, "Pulling… (large models take a while)", async () => {
-      const reply = await api("/api/models/pull", { method: "POST", body: { repo_id: $("#pull-repo").value.trim() } });
-      out.replaceChildren(h("div", { class: "ok-box", role: "status" }, reply.message, " — ", h("code", {}, reply.model_name)));
+    const form = event.currentTarget;
+    runJob(form, form.querySelector("button[type=submit]"), $("#pull-result"), "Pulling from the Hub", async () => {
+      const reply = await api("/api/models/pull", { method: "POST", body: {
+        repo_id: $("#pull-repo").value.trim(), revision: $("#pull-revision").value.trim() || null,
+      } });
       await show();
-    }, out);
+      return added(reply, reply.model_name);
+    });
   });
   $("#fetch-demo").addEventListener("click", (event) => {
-    const out = $("#pull-result");
-    busy(event.currentTarget, "Installing…", async () => {
+    runJob($("#demo-card"), event.currentTarget, $("#demo-result"), "Installing the demo model", async () => {
       const reply = await api("/api/models/fetch_demo", { method: "POST", body: {} });
-      out.replaceChildren(h("div", { class: "ok-box", role: "status" }, reply.message, " — ", h("code", {}, reply.model_name)));
       await show();
-    }, out);
+      return added(reply, reply.model_name);
+    });
   });
+  $("#derive-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const name = $("#derive-model").value;
+    runJob(form, $("#derive-quantize"), $("#derive-result"), `Quantizing ${name}`, async () => {
+      const reply = await api("/api/models/quantize", { method: "POST", body: {
+        model_name: name, bits: Number($("#derive-bits").value), group_size: Number($("#derive-group").value),
+      } });
+      await show();
+      $("#derive-model").value = reply.model_name;
+      return added(reply, reply.model_name);
+    });
+  });
+  $("#derive-export").addEventListener("click", (event) => {
+    const form = $("#derive-form");
+    if (!form.reportValidity()) return;
+    const name = $("#derive-model").value;
+    runJob(form, event.currentTarget, $("#derive-result"), `Exporting ${name} to GGUF`, async () => {
+      const reply = await api("/api/models/export_gguf", { method: "POST", body: { model_name: name } });
+      await show();
+      return [h("strong", {}, reply.message), " — ", h("code", { class: "wrap-anywhere" }, reply.gguf_path),
+        ` (${fmtMb(reply.size_mb)})`];
+    });
+  });
+  fillQuantizeChoices();
+}
+
+/** Bits and group sizes from QuantizeRequest in the OpenAPI document (the server's choices). */
+async function fillQuantizeChoices() {
+  let props = FALLBACK_CHOICES;
+  try {
+    const doc = await api("/api/openapi.json");
+    props = { ...FALLBACK_CHOICES, ...doc.components.schemas.QuantizeRequest?.properties };
+  } catch { /* the fallback mirrors schemas/publish.py */ }
+  for (const [id, key, unit] of [["#derive-bits", "bits", " bit"], ["#derive-group", "group_size", ""]]) {
+    const { enum: choices, default: preset } = props[key]?.enum ? props[key] : FALLBACK_CHOICES[key];
+    $(id).replaceChildren(...choices.map((v) => h("option", { value: v, selected: v === preset }, `${v}${unit}`)));
+  }
+}
+
+/** The success line of an added model, with a button to load it. */
+function added(reply, modelName) {
+  return [h("strong", {}, reply.message), " — ", h("code", { class: "wrap-anywhere" }, modelName),
+    h("div", { class: "row-actions" }, h("button", { type: "button", class: "small",
+      onclick: (e) => load(e.currentTarget, modelName, null) }, "Load it"))];
+}
+
+/** Run one long request: the button disabled, the card busy, a progress bar and the time so far in
+ * ``out``; then the result (what ``fn`` returns) or the server's error, code and suggestion, with the
+ * field it names marked invalid and focused. */
+async function runJob(card, button, out, what, fn) {
+  for (const el of card.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+  const started = performance.now();
+  const elapsed = h("span", {}, "0 s");
+  out.replaceChildren(h("div", { class: "job", role: "status", "data-state": "running" },
+    h("progress", { "aria-label": what }), h("span", {}, `${what}… `, elapsed)));
+  const timer = setInterval(() => { elapsed.textContent = `${Math.round((performance.now() - started) / 1000)} s`; }, 1000);
+  const buttons = [...card.querySelectorAll("button")];
+  buttons.forEach((b) => { b.disabled = true; });
+  card.setAttribute("aria-busy", "true");
+  try {
+    const content = await fn();
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    out.replaceChildren(h("div", { class: "ok-box", role: "status", "data-state": "done" }, content,
+      h("div", { class: "muted small-text" }, `took ${seconds} s`)));
+  } catch (err) {
+    out.replaceChildren(errorBox(err, `${what} failed`));
+    out.firstChild.dataset.state = "failed";
+    const field = err?.details?.field;
+    const input = field && card.querySelector(`[name="${CSS.escape(field)}"]`);
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    }
+  } finally {
+    clearInterval(timer);
+    buttons.forEach((b) => { b.disabled = false; });
+    card.removeAttribute("aria-busy");
+  }
+}
+
+/** Preselect ``name`` in the quantize/export card and take the keyboard there. */
+function derive(name) {
+  $("#derive-model").value = name;
+  $("#derive-form").scrollIntoView({ block: "nearest" });
+  $("#derive-model").focus();
 }
 
 export async function show() {
@@ -60,6 +152,7 @@ export async function show() {
     ["IFT runs (adapters)", "models/ift", models.ift_models, (m) => `models/${m.path || `ift/${m.name}`}`, "adapter"],
     ["Published", "models/published", models.published_models, publishedName, "published"],
   ];
+  fillDerive(models.published_models || []);
   $("#models-lists").replaceChildren(...sections.map(([title, where, list, key, kind]) => h("div", { class: "card" },
     h("h2", {}, title, " ", h("span", { class: "muted small-text" }, `${where} · ${list?.length || 0}`)),
     list?.length ? h("div", { class: "table-wrap" }, h("table", { "data-testid": `models-${kind}-${title.split(" ")[0].toLowerCase()}` },
@@ -82,8 +175,8 @@ function row(m, key, kind) {
     actions.push(
       h("button", { type: "button", class: "small", onclick: () => openPublished(`${folder}/training_dashboard.png`, `${key} — dashboard`) }, "Dashboard"),
       h("button", { type: "button", class: "small", onclick: () => openPublished(`${folder}/README.md`, `${key} — model card`) }, "Model card"),
-      h("button", { type: "button", class: "small", onclick: (e) => quantize(e.currentTarget, key) }, "Quantize 4-bit"),
-      h("button", { type: "button", class: "small", onclick: (e) => exportGguf(e.currentTarget, key) }, "Export GGUF"));
+      h("button", { type: "button", class: "small", "aria-label": `Quantize or export ${key}`,
+        onclick: () => derive(key) }, "Quantize / export…"));
   }
   return h("tr", {},
     h("td", { class: "wrap-anywhere" }, h("strong", {}, m.name), m.path ? h("div", { class: "muted small-text" }, m.path) : null),
@@ -110,19 +203,13 @@ async function loadRun(button, runPath) {
   }, $("#models-error"));
 }
 
-async function quantize(button, name) {
-  await busy(button, "Quantizing…", async () => {
-    const reply = await api("/api/models/quantize", { method: "POST", body: { model_name: name, bits: 4 } });
-    toast(`${reply.message}: ${reply.model_name}`, "ok");
-    await show();
-  }, $("#models-error"));
-}
-
-async function exportGguf(button, name) {
-  await busy(button, "Exporting…", async () => {
-    const reply = await api("/api/models/export_gguf", { method: "POST", body: { model_name: name } });
-    toast(`${reply.message}: ${reply.gguf_path}`, "ok");
-  }, $("#models-error"));
+function fillDerive(published) {
+  const select = $("#derive-model");
+  const current = select.value;
+  const names = published.map(publishedName);
+  select.replaceChildren(...(names.length ? names.map((n) => h("option", { value: n }, n))
+    : [h("option", { value: "" }, "No published model yet")]));
+  if (names.includes(current)) select.value = current;
 }
 
 function renderServer(status) {
