@@ -406,6 +406,134 @@ def test_checkpoints_table_follows_checkpoint_events(ui_platform, browser):
     page.close()
 
 
+API_TOKEN = "ui-test-token-7f3a"
+
+
+@pytest.fixture
+def token_platform():
+    """A platform that requires an API token, offline for the Hub, with a GGUF to import and a
+    published model to quantize and export."""
+    from forgellm.services.publishing.derive import export_gguf
+    from tests.helpers.tiny_lm import write_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="fl-") as name:
+        home = Path(name)
+        write_tiny_model(home / "models" / "published" / "tiny-pub")
+        export_gguf(write_tiny_model(home / "scratch" / "tiny-src", seed=1), home / "incoming" / "tiny.gguf")
+        with running_platform(home, FORGELLM_SECURITY_API_TOKEN=API_TOKEN, HF_HUB_OFFLINE="1",
+                              HF_HUB_CACHE=str(home / "hf-cache")) as running:
+            yield running
+
+
+def job_result(page, result: str, timeout: float = 120) -> str:
+    """Wait for the job shown in ``#result`` to end; its state ("done"/"failed") and text."""
+    page.wait_for_selector(f"{result} [data-state=done], {result} [data-state=failed]", timeout=timeout * 1000)
+    box = page.locator(f"{result} > *").first
+    return box.get_attribute("data-state"), box.text_content()
+
+
+@needs_chromium
+def test_token_mode_and_model_actions(token_platform, browser):
+    web = token_platform.web
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    console = Console(page)
+    console.allowed.append(r"status of 401")  # before the token is given, Chromium logs the refused calls
+    page.goto(web + "/#models")
+
+    # No token yet: the page asks for one (focused) before it starts any view or the Socket.IO
+    # connection, so exactly one request was refused.
+    page.wait_for_selector("#token-form:not([hidden])")
+    assert page.evaluate("document.activeElement.id") == "token-input"
+    assert page.text_content("#live") == "needs token" and page.is_hidden("#view-models")
+    assert len([e for e in console.errors if "401" in e]) == 1, console.errors
+    shot(page, "token-prompt")
+
+    # A wrong token (keyboard only): refused again, and the page says so.
+    page.keyboard.type("not-the-token")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#token-why').textContent.includes('refused')")
+    assert page.evaluate("sessionStorage.getItem('forgellm-api-token')") == "not-the-token"
+
+    # The right one: every view works, REST with the header and Socket.IO with auth.
+    page.fill("#token-input", API_TOKEN)
+    page.press("#token-input", "Enter")
+    page.wait_for_selector("[data-testid^=models-published] tbody tr")
+    page.wait_for_function("() => document.querySelector('#live').textContent === 'live'")
+    assert page.is_hidden("#token-form") and page.is_visible("#token-forget")
+    assert not page.text_content("#models-error").strip()
+    assert not console.unexpected(), console.errors
+    console.errors.clear()
+    console.allowed = [r"status of 40[03]", r"status of 503"]  # the refusals this test asks for
+    page.evaluate("""() => {
+        window.__running = [];
+        new MutationObserver(() => document.querySelectorAll('.job[data-state=running] progress').forEach((p) => {
+            const what = p.getAttribute('aria-label');
+            if (!window.__running.includes(what)) window.__running.push(what);
+        })).observe(document.querySelector('#view-models'), {subtree: true, childList: true});
+    }""")
+
+    # Import the GGUF, by keyboard: fill, Tab, type, Enter. The base list refreshes by itself.
+    page.focus("#gguf-path")
+    page.keyboard.type("incoming/tiny.gguf")
+    page.keyboard.press("Tab")
+    page.keyboard.type("tiny-imported")
+    page.keyboard.press("Enter")
+    state, text = job_result(page, "#gguf-result")
+    assert state == "done" and "tiny-imported" in text, text
+    assert "Importing the GGUF" in page.evaluate("window.__running")
+    page.wait_for_selector("[data-testid^=models-load-base] td:has-text('tiny-imported')")
+    # Again: refused (no silent overwrite), the server's error and suggestion, the field marked.
+    page.press("#gguf-name", "Enter")
+    state, text = job_result(page, "#gguf-result")
+    assert state == "failed" and "already exists" in text and "Suggestion: Choose another name" in text, text
+    assert page.get_attribute("#gguf-name", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "gguf-name"
+
+    # Pull from the Hub, offline: the 503 and its suggestion.
+    page.fill("#pull-repo", "mlx-community/SmolLM2-135M")
+    page.press("#pull-repo", "Enter")
+    state, text = job_result(page, "#pull-result")
+    assert state == "failed" and "OFFLINE" in text and "HTTP 503" in text and "Suggestion:" in text, text
+    assert "fetch-demo" in text
+
+    # Quantize the published model (the server's choices and defaults), then export it to GGUF.
+    page.click("[data-testid^=models-published] button:has-text('Quantize / export')")
+    assert page.evaluate("document.activeElement.id") == "derive-model"
+    assert page.input_value("#derive-model") == "published/tiny-pub"
+    assert page.input_value("#derive-bits") == "4" and page.input_value("#derive-group") == "64"
+    assert page.locator("#derive-group option").all_text_contents() == ["32", "64", "128"]
+    page.click("#derive-quantize")
+    state, text = job_result(page, "#derive-result")
+    assert state == "done" and "published/tiny-pub_q4g64" in text, text
+    page.wait_for_selector("[data-testid^=models-published] td:has-text('tiny-pub_q4g64')")
+    page.select_option("#derive-model", "published/tiny-pub")
+    page.click("#derive-export")
+    state, text = job_result(page, "#derive-result")
+    assert state == "done" and "tiny-pub-f16.gguf" in text, text
+    assert (token_platform.home / "models" / "published" / "tiny-pub" / "tiny-pub-f16.gguf").is_file()
+    page.select_option("#derive-model", "published/tiny-pub")
+    page.click("#derive-quantize")  # the same again: the server says it exists
+    state, text = job_result(page, "#derive-result")
+    assert state == "failed" and "Already quantized" in text, text
+    running = set(page.evaluate("window.__running"))
+    assert {"Quantizing published/tiny-pub", "Exporting published/tiny-pub to GGUF"} <= running, running
+
+    # The demo model, where its wheel is already in the cache (no network in tests).
+    from forgellm.services.modelio.demo import DEMO_NAME, WHEEL_FILENAME, cache_dir
+
+    if (cache_dir() / WHEEL_FILENAME).is_file():
+        page.click("#fetch-demo")
+        state, text = job_result(page, "#demo-result", timeout=240)
+        assert state == "done" and DEMO_NAME in text, text
+        page.wait_for_selector(f"[data-testid^=models-load-base] td:has-text('{DEMO_NAME}')")
+    shot(page, "models-actions")
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.wait_for_timeout(200)
+    shot(page, "models-narrow")
+    assert not console.unexpected(), console.errors
+    page.close()
+
+
 def test_artifacts_folder_is_ignored_by_git():
     root = Path(__file__).parent.parent
     if shutil.which("git") and (root / ".git").exists():

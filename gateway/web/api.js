@@ -1,12 +1,17 @@
 // REST calls, the error display every view shares, DOM and number helpers.
 
+// The API token (only when the gateway requires one): kept for this tab's session, or in
+// localStorage when the user asks to be remembered; sent as "Authorization: Bearer" on every
+// request and as Socket.IO's auth {token}.
 const TOKEN_KEY = "forgellm-api-token";
-let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let token = sessionStorage.getItem(TOKEN_KEY) || localStorage.getItem(TOKEN_KEY) || "";
 
 export function apiToken() { return token; }
-export function setApiToken(value) {
+export function setApiToken(value, remember = false) {
   token = value;
-  if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(TOKEN_KEY);
+  localStorage.removeItem(TOKEN_KEY);
+  if (value) (remember ? localStorage : sessionStorage).setItem(TOKEN_KEY, value);
 }
 export function authHeaders() { return token ? { Authorization: `Bearer ${token}` } : {}; }
 

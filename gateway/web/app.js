@@ -1,6 +1,7 @@
-// The page: views behind #hash links, one Socket.IO connection, health, the API token.
+// The page: views behind #hash links, one Socket.IO connection, health, the API token (asked for
+// when the gateway answers 401; sent on every request and as Socket.IO's auth).
 
-import { $, $$, api, apiToken, errorBox, onUnauthorized, setApiToken, toast } from "./api.js";
+import { $, $$, api, apiToken, errorBox, onUnauthorized, request, setApiToken, toast } from "./api.js";
 import * as chat from "./chat.js";
 import * as datasets from "./datasets.js";
 import * as models from "./models.js";
@@ -78,6 +79,12 @@ function connectSocket() {
     live.textContent = "offline";
     live.className = "pill bad";
     live.title = err?.message || "";
+    // The server refused the connection itself (not a network failure): with a token required,
+    // a missing or wrong one. socket.io does not retry that; a new token reloads the page.
+    if (!socket.active) {
+      live.textContent = "refused";
+      askForToken();
+    }
   });
   socket.on("training_update", (data) => monitor.onUpdate(data));
   socket.on("training_complete", (data) => monitor.onComplete(data));
@@ -86,12 +93,28 @@ function connectSocket() {
   return socket;
 }
 
+function askForToken() {
+  const form = $("#token-form");
+  if (!form.hidden) return;
+  $("#token-why").textContent = apiToken()
+    ? "The token this page sent was refused: enter the right one."
+    : "Enter the token the platform was started with (FORGELLM_SECURITY_API_TOKEN).";
+  form.hidden = false;
+  $("#token-input").focus();
+}
+
 function setupToken() {
   const form = $("#token-form");
-  onUnauthorized(() => { form.hidden = false; $("#token-input").focus(); });
+  const forget = $("#token-forget");
+  forget.hidden = !apiToken();
+  onUnauthorized(askForToken);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    setApiToken($("#token-input").value.trim());
+    setApiToken($("#token-input").value.trim(), $("#token-remember").checked);
+    location.reload();  // every view and the Socket.IO connection start again with the token
+  });
+  forget.addEventListener("click", () => {
+    setApiToken("");
     location.reload();
   });
 }
@@ -102,11 +125,31 @@ function setupViewer() {
   dialog.addEventListener("click", (event) => { if (event.target === dialog) dialog.close(); });
 }
 
-setupToken();
-setupViewer();
-$("#health").addEventListener("click", refreshHealth);
-window.addEventListener("hashchange", show);
-refreshHealth();
-monitor.prepare();
-connectSocket();
-show();
+/** Whether the gateway takes this page's token (or needs none): one guarded call the gateway
+ * answers itself. On a 401 nothing else starts (no view, no Socket.IO connection) until the
+ * token is given. An unreachable gateway counts as yes: the views and the socket say so and retry. */
+async function tokenAccepted() {
+  try {
+    return (await request("/api/openapi.json")).status !== 401;
+  } catch {
+    return true;
+  }
+}
+
+async function start() {
+  setupToken();
+  setupViewer();
+  $("#health").addEventListener("click", refreshHealth);
+  refreshHealth();
+  monitor.prepare();
+  if (!(await tokenAccepted())) {
+    $("#live").textContent = "needs token";
+    askForToken();
+    return;
+  }
+  window.addEventListener("hashchange", show);
+  connectSocket();
+  show();
+}
+
+start();
