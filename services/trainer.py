@@ -117,7 +117,11 @@ class TrainerService(Service):
     async def on_stop(self) -> None:
         run = self.active
         if run and run.process and run.process.returncode is None:
-            run.process.send_signal(signal.SIGTERM)  # graceful: a final checkpoint
+            # The platform is stopping, not the user stopping the run: the worker writes a final
+            # checkpoint and marks the run interrupted, and the next start resumes it (as after a
+            # crash). POST /api/training/stop is how a run is ended.
+            log.info("interrupting_run_for_shutdown", training_id=run.training_id)
+            run.process.send_signal(signal.SIGUSR1)
             try:
                 await asyncio.wait_for(run.process.wait(), self.settings.timeouts.stop_grace_s - 1)
             except TimeoutError:
