@@ -39,6 +39,18 @@ def _invalid(message: str, field: str | None, struct_type: type) -> ApiError:
     )
 
 
+def _integral_floats_as_ints(value: Any) -> Any:
+    """``16.0`` -> ``16`` all through a decoded JSON value: JSON (and JSON Schema's "integer")
+    does not tell 16 from 16.0, and some clients write every number as a float."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
+
+
 def convert(data: Mapping[str, Any], struct_type: type[T], *, strict: bool = True) -> T:
     unknown = sorted(set(data) - field_names(struct_type) - {"type"})
     if unknown:
@@ -47,6 +59,11 @@ def convert(data: Mapping[str, Any], struct_type: type[T], *, strict: bool = Tru
         return msgspec.convert(data, struct_type, strict=strict)
     except msgspec.ValidationError as exc:
         text = str(exc)
+        if "Expected `int`, got `float`" in text:
+            try:  # 16.0 for an integer: accepted as 16 (a float field takes an int as well)
+                return msgspec.convert(_integral_floats_as_ints(data), struct_type, strict=strict)
+            except msgspec.ValidationError as again:
+                text = str(again)
         missing = _MISSING.search(text)
         if missing:
             raise _invalid("this field is required", missing.group("field"), struct_type) from None

@@ -31,28 +31,38 @@ class ApiError(Exception):
         details: dict[str, Any] | None = None,
         suggestion: str = "",
         status: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(error)
         self.reply = ErrorReply(code=code, error=error, details=details or {}, suggestion=suggestion)
         self.status = status or HTTP_STATUS.get(code, 500)
+        self.headers = headers or {}
 
 
-def error_response(reply: ErrorReply, status: int | None = None) -> web.Response:
+def error_response(reply: ErrorReply, status: int | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
     body = ErrorBody(error=reply.error, error_code=reply.code, details=reply.details,
                      suggestion=reply.suggestion)
     return web.Response(
         body=msgspec.json.encode(body),
         status=status or HTTP_STATUS.get(reply.code, 500),
         content_type="application/json",
+        headers=headers,
     )
 
 
 def _from_http_exception(exc: web.HTTPException) -> ApiError:
     if exc.status == 404:
         return ApiError(ErrorCode.NOT_FOUND, "No such endpoint", suggestion="See GET /api/openapi.json")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        # RFC 9110: a 405 names the methods the resource does support.
+        allowed = sorted(exc.allowed_methods)
+        return ApiError(ErrorCode.METHOD_NOT_ALLOWED, f"Method {exc.method} not allowed here",
+                        details={"method": exc.method, "allowed": allowed},
+                        suggestion=f"Use {' or '.join(allowed)}; see GET /api/openapi.json.",
+                        status=405, headers={"Allow": ", ".join(allowed)})
     if exc.status == 405:
-        return ApiError(ErrorCode.METHOD_NOT_ALLOWED, f"Method not allowed: {exc.text or ''}".strip(),
-                        status=405)
+        return ApiError(ErrorCode.METHOD_NOT_ALLOWED, "Method not allowed", status=405)
     if exc.status == 413:
         return ApiError(ErrorCode.PAYLOAD_TOO_LARGE, "Request body too large",
                         details={"reason": exc.text}, suggestion="Send a smaller body.")
@@ -70,14 +80,14 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(exc.reply, exc.status)
+        response = error_response(exc.reply, exc.status, exc.headers)
     except BusError as exc:
         response = error_response(exc.to_reply())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         api = _from_http_exception(exc)
-        response = error_response(api.reply, api.status)
+        response = error_response(api.reply, api.status, api.headers)
     except Exception as exc:
         log.exception("request_failed", path=request.path)
         response = error_response(ErrorReply(

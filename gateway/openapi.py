@@ -10,6 +10,7 @@ from forgellm.gateway.routes import ROUTES, Route
 from forgellm.schemas import ErrorBody, HealthReply
 
 _REF = "#/components/schemas/{name}"
+NO_NUL = r"^[^\x00]*$"  # as a JSON Schema (ECMA-262) and a Python pattern: no NUL character
 
 
 def _strip_tag(schema: dict[str, Any]) -> None:
@@ -20,6 +21,22 @@ def _strip_tag(schema: dict[str, Any]) -> None:
         schema["required"] = [name for name in schema.get("required", []) if name != "type"]
         if not schema["required"]:
             schema.pop("required")
+
+
+def _query_schema(prop: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema as a query parameter: a query string has no null (an absent parameter is
+    the default), and the gateway refuses a NUL byte in any query value (gateway/decode.py)."""
+    prop = dict(prop)
+    options = prop.get("anyOf")
+    if options and {"type": "null"} in options:
+        rest = [option for option in options if option != {"type": "null"}]
+        prop.pop("anyOf")
+        if prop.get("default", ...) is None:
+            prop.pop("default")
+        prop = {**rest[0], **prop} if len(rest) == 1 else {"anyOf": rest, **prop}
+    if prop.get("type") == "string" and "pattern" not in prop:
+        prop["pattern"] = NO_NUL
+    return prop
 
 
 def _reply_type(route: Route) -> type | None:
@@ -36,6 +53,10 @@ def openapi_document(api: str, server_url: str = "") -> dict[str, Any]:
     _, components = msgspec.json.schema_components(ordered, ref_template=_REF)
     for schema in components.values():
         _strip_tag(schema)
+    for route in routes:
+        if route.request is not None:
+            # The gateway refuses unknown fields of a request (gateway/decode.py), so say so.
+            components[route.request.__name__]["additionalProperties"] = False
 
     error_response = {"description": "Error (see error_code)",
                       "content": {"application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}}}
@@ -47,6 +68,11 @@ def openapi_document(api: str, server_url: str = "") -> dict[str, Any]:
             ok["content"] = {"application/json": {"schema": {"$ref": _REF.format(name=reply.__name__)}}}
         elif route.path.endswith("openapi.json"):
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+        if route.path == "/api/model/generate":  # "streaming": true (gateway/generation.py)
+            ok["content"]["application/x-ndjson"] = {"schema": {
+                "type": "string",
+                "description": 'One JSON object per line: {"token": ...} as tokens are decoded, then the '
+                               'GenerateReply fields (or the error body) with "done": true.'}}
         operation: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.method.lower() + route.path.replace("/", "_").replace(".", "_"),
@@ -57,7 +83,7 @@ def openapi_document(api: str, server_url: str = "") -> dict[str, Any]:
             if route.method == "GET":
                 required = set(schema.get("required", []))
                 operation["parameters"] = [
-                    {"name": name, "in": "query", "required": name in required, "schema": prop}
+                    {"name": name, "in": "query", "required": name in required, "schema": _query_schema(prop)}
                     for name, prop in schema.get("properties", {}).items()
                 ]
             else:
