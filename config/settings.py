@@ -24,6 +24,9 @@ class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_port: int
     max_body_bytes: int
     cors_origins: list[str]
+    socketio_ping_interval_s: float
+    socketio_ping_timeout_s: float
+    socketio_max_backlog: int
 
 
 class BusSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

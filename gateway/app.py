@@ -15,6 +15,7 @@ from aiohttp import web
 from forgellm.bus import AsyncRpcClient, AsyncSubscriber, new_context
 from forgellm.config import Settings, bus_address
 from forgellm.config.settings import SERVICE_NAMES
+from forgellm.gateway.backpressure import BacklogGuard
 from forgellm.gateway.decode import decode_body, decode_query
 from forgellm.gateway.errors import REQUEST_ID, ApiError, request_context
 from forgellm.gateway.generation import generate_handler
@@ -160,8 +161,20 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
             cors_allowed_origins=link.settings.gateway.cors_origins or None,
             logger=False,
             engineio_logger=False,
+            ping_interval=link.settings.gateway.socketio_ping_interval_s,
+            ping_timeout=link.settings.gateway.socketio_ping_timeout_s,
         )
         sio.attach(app)
+        guard = BacklogGuard(sio, link.settings.gateway.socketio_max_backlog)  # gateway/backpressure.py
+
+        async def start_guard(_: web.Application) -> None:
+            guard.start()
+
+        async def stop_guard(_: web.Application) -> None:
+            guard.close()
+
+        app.on_startup.append(start_guard)
+        app.on_cleanup.append(stop_guard)
         add_web_routes(app, link.settings.home)  # the web UI (gateway/static.py)
         if token:
             async def authenticate(sid: str, environ: dict, auth: Any = None) -> bool:
