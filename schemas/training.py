@@ -49,6 +49,9 @@ class TrainingStartReply(Reply, kw_only=True):
     message: str = "Training started successfully"
     training_id: str
     output_dir: str
+    # Dataset files left out, one line each ("<dataset>/<file>: skipped (binary)"): binary, not
+    # UTF-8, empty, or a link leading out of the dataset folder.
+    warnings: list[str] = []
 
 
 class TrainingStatusRequest(Request, kw_only=True):

@@ -66,6 +66,8 @@ class ActiveRun:
     error: TrainingError | None = None  # the last training_error, shown by status
     auto_resume: bool = True
     started: float = field(default_factory=time.monotonic)
+    warnings: list[str] = field(default_factory=list)  # dataset files skipped at start
+    stop_requested: bool = False  # POST /api/training/stop was asked
 
 
 def _signal_name(code: int) -> str:
@@ -160,7 +162,7 @@ class TrainerService(Service):
     def _prepare(self, request: TrainingStartRequest) -> ActiveRun:
         prepared = prepare_run(self.workspace, request)
         return ActiveRun(prepared.training_id, request.training_type, prepared.run_dir, prepared.output_dir,
-                         request.max_iterations)
+                         request.max_iterations, warnings=prepared.warnings)
 
     async def _launch(self, run: ActiveRun, resume_from: str | None = None) -> None:
         argv = [sys.executable, "-m", "forgellm.services.training.worker", str(run.run_dir)]
@@ -195,7 +197,10 @@ class TrainerService(Service):
         self.publish(TrainingStarted(training_id=run.training_id, training_type=run.training_type,
                                      output_dir=run.output_dir, max_iterations=run.max_iterations),
                      header.correlation_id)
-        return TrainingStartReply(training_id=run.training_id, output_dir=run.output_dir)
+        reply = TrainingStartReply(training_id=run.training_id, output_dir=run.output_dir, warnings=run.warnings)
+        if run.warnings:
+            reply.message += f"; {len(run.warnings)} dataset file(s) skipped (see warnings)"
+        return reply
 
     # --- a worker that ends -----------------------------------------------------------------
 
@@ -206,6 +211,11 @@ class TrainerService(Service):
             return
         await asyncio.sleep(0)  # let already-received events be applied first
         if code == 0 and run.finished:
+            return
+        if code == -signal.SIGTERM and run.stop_requested and not run.finished:
+            # Our own SIGTERM reached the worker before it set its handler (a stop asked while the
+            # worker was still starting): a stop, not a failure.
+            self._stopped_early(run)
             return
         for _ in range(20):  # a worker that failed by itself said why just before exiting
             if code < 0 or run.reported_error:
@@ -232,6 +242,17 @@ class TrainerService(Service):
         run.finished = True
         run.phase = "failed"
 
+    def _stopped_early(self, run: ActiveRun) -> None:
+        run.finished = True
+        run.phase = "stopped"
+        iteration = run.last.iteration if run.last else 0
+        log.info("worker_stopped_while_starting", training_id=run.training_id)
+        self.publish(TrainingComplete(
+            training_id=run.training_id, stopped=True, final_iteration=iteration,
+            final_loss=run.last.training_loss if run.last else None,
+            training_time_minutes=round((time.monotonic() - run.started) / 60, 3),
+            output_dir=run.output_dir, reason="stopped before training began"))
+
     # --- stop and status --------------------------------------------------------------------
 
     @handles(TrainingStopRequest)
@@ -241,6 +262,7 @@ class TrainerService(Service):
             raise ForgeError(ErrorCode.NO_TRAINING_RUNNING, "No training is running",
                              suggestion="Start one with POST /api/training/start or 'forgellm train'.")
         run.auto_resume = False
+        run.stop_requested = True
         run.phase = "stopping"
         run.process.send_signal(signal.SIGTERM)
         try:  # a final checkpoint takes at most one iteration; answer as soon as it is written

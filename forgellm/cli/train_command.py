@@ -148,6 +148,8 @@ async def _watch_platform(client: ForgeLLMClient, training_id: str, total: int) 
 def _run_on_platform(client: ForgeLLMClient, request: dict[str, Any]) -> None:
     reply = client.start_training(request)
     click.echo(f"training {reply.training_id} -> {reply.output_dir}")
+    for warning in reply.warnings:
+        click.echo(f"warning: {warning}", err=True)
     total = int(request.get("max_iterations") or 500)
     how, result = asyncio.run(_watch_platform(client, reply.training_id, total))
     if how == "interrupted":
@@ -173,6 +175,8 @@ def _run_standalone(request: dict[str, Any]) -> None:
     except ForgeError as exc:
         raise click.ClickException(f"{exc}" + (f"\n  {exc.suggestion}" if exc.suggestion else "")) from None
     click.echo(f"no platform running: training standalone ({prepared.training_id}) -> {prepared.output_dir}")
+    for warning in prepared.warnings:
+        click.echo(f"warning: {warning}", err=True)
     log_path = prepared.run_dir / "worker.log"
     with open(log_path, "ab") as log:
         worker = subprocess.Popen([sys.executable, "-m", "forgellm.services.training.worker", str(prepared.run_dir)],

@@ -17,6 +17,11 @@ from forgellm.services.common.workspace import Workspace
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".jsonl", ".json", ".text", ".markdown"}
 BYTES_PER_TOKEN = 4
+# The longest line of a dataset file the trainer reads (newline included): a longer one is a 400
+# naming file:line (services/training/data.py); the catalog leaves it out of its token counts.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+PIECE_BYTES = 1024 * 1024  # files are read a MiB at a time
+CHUNK_BYTES = 1024 * 1024  # text handed to a tokenizer at once
 
 
 def dataset_files(folder: Path) -> list[Path]:
@@ -38,17 +43,58 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
+def read_lines(path: Path, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | bytearray | None]]:
+    """(line number, bytes with its newline) of each line of ``path``, read in pieces of a MiB so
+    that no more than ``max_bytes`` of one line is ever held. A longer line comes as ``None`` the
+    moment it passes the limit (stop there, or go on: its rest is skipped)."""
+    with open(path, "rb") as handle:
+        number = 0
+        while line := handle.readline(PIECE_BYTES):
+            number += 1
+            if len(line) < PIECE_BYTES or line.endswith(b"\n"):
+                yield number, line
+                continue
+            long: bytearray | None = bytearray(line)  # grown in place: no second copy
+            while piece := handle.readline(PIECE_BYTES):
+                if long is not None:
+                    long += piece
+                    if len(long) > max_bytes:
+                        long = None
+                        yield number, None
+                if piece.endswith(b"\n"):
+                    break
+            if long is not None:
+                yield number, long
+
+
 def file_texts(path: Path) -> Iterator[str]:
-    """The text a file contributes: JSON Lines give the strings of each object."""
-    text = path.read_text(errors="replace")
-    if path.suffix.lower() != ".jsonl":
-        yield text
-        return
-    for line in text.splitlines():
+    """The text a file contributes: JSON Lines give the strings of each object. Read line by
+    line, never whole: text comes in pieces of about ``CHUNK_BYTES`` cut at line ends (a small
+    file is one piece), and a line over the trainer's limit (``MAX_LINE_BYTES``) is not counted."""
+    jsonl = path.suffix.lower() == ".jsonl"
+    pending: list[str] = []
+    size = 0
+    for _, raw in read_lines(path):
+        if raw is None:
+            continue
+        line = raw.decode("utf-8", errors="replace")
+        if not jsonl:
+            pending.append(line)
+            size += len(raw)
+            if size >= CHUNK_BYTES:
+                yield "".join(pending)
+                pending, size = [], 0
+            continue
+        line = line.rstrip("\r\n")
         try:
-            yield from _strings(json.loads(line))
-        except ValueError:
-            yield line
+            strings = list(_strings(json.loads(line)))
+        except (ValueError, RecursionError):
+            strings = [line]
+        if "\\ud" in line.lower():  # a lone surrogate escape: not text a tokenizer accepts
+            strings = [text.encode("utf-8", "replace").decode("utf-8") for text in strings]
+        yield from strings
+    if pending:
+        yield "".join(pending)
 
 
 class TokenCounter:
@@ -67,8 +113,15 @@ class TokenCounter:
 
                 self._tokenizers[tokenizer_file] = Tokenizer.from_file(str(tokenizer_file))
             tokenizer = self._tokenizers[tokenizer_file]
-            texts = list(file_texts(file))
-            self._counts[key] = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+            total, batch, size = 0, [], 0
+            for text in file_texts(file):  # encoded in batches of about a MiB: bounded memory
+                batch.append(text)
+                size += len(text)
+                if size >= CHUNK_BYTES:
+                    total += sum(len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+                    batch, size = [], 0
+            total += sum(len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+            self._counts[key] = total
         return self._counts[key]
 
 

@@ -23,13 +23,15 @@ import numpy as np
 import structlog
 
 from forgellm.schemas import ErrorCode
+from forgellm.services.common.datasets import MAX_LINE_BYTES, read_lines
 from forgellm.services.common.errors import ForgeError
 
 log = structlog.get_logger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"}
 JSONL_SUFFIXES = {".jsonl"}
-MAX_LINE_BYTES = 64 * 1024 * 1024
+BINARY_PROBE_BYTES = 8192  # a NUL byte in a file's first 8 KiB: a binary file, skipped
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def _bad(where: str, why: str) -> ForgeError:
@@ -37,58 +39,159 @@ def _bad(where: str, why: str) -> ForgeError:
                       suggestion="Fix or remove that line; see the supported formats in the README.")
 
 
-def _files(folder: Path, suffixes: set[str]) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _skip(warnings: list[str] | None, path: Path, rel: str, reason: str) -> None:
+    """A file left out of the dataset: logged, and told to the caller (the start reply) too."""
+    log.warning("file_skipped", file=str(path), reason=reason)
+    if warnings is not None:
+        warnings.append(f"{rel}: skipped ({reason})")
 
 
-def _read_text(path: Path) -> str | None:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        log.warning("file_skipped", file=str(path), reason="binary")
-        return None
+def _files(folder: Path, suffixes: set[str], warnings: list[str] | None = None) -> list[Path]:
+    """The dataset's files, hidden ones left out, and a link leading out of the folder skipped
+    with a warning (never read: the dataset may only use what lies inside it)."""
+    root = folder.resolve()
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if (not p.is_file() or p.suffix.lower() not in suffixes
+                or any(part.startswith(".") for part in p.relative_to(folder).parts)):
+            continue
+        if root not in p.resolve().parents:
+            _skip(warnings, p, str(p.relative_to(folder.parent)), "a link leading out of the dataset folder")
+            continue
+        files.append(p)
+    return files
+
+
+def _probe(path: Path, rel: str, warnings: list[str] | None) -> bool:
+    """Whether the file can be read as text at all (readable, not binary, not UTF-16)."""
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        log.warning("file_skipped", file=str(path), reason="not UTF-8")
+        with open(path, "rb") as handle:
+            head = handle.read(BINARY_PROBE_BYTES)
+    except OSError as exc:
+        _skip(warnings, path, rel, f"cannot be read: {exc.strerror}")
+        return False
+    if head.startswith(_UTF16_BOMS):
+        _skip(warnings, path, rel, "UTF-16 text: save it as UTF-8")
+        return False
+    if b"\x00" in head:
+        _skip(warnings, path, rel, "binary")
+        return False
+    return True
+
+
+def _lines(path: Path, rel: str) -> Iterator[tuple[int, bytes | bytearray]]:
+    """(line number, bytes) of each line, streamed: a line over the limit is refused once
+    MAX_LINE_BYTES of it are read, holding about that much and no more."""
+    for number, line in read_lines(path, MAX_LINE_BYTES):
+        if line is None:
+            raise _bad(f"{rel}:{number}", f"line longer than {MAX_LINE_BYTES // 2**20} MiB (the limit per line)")
+        yield number, line
+
+
+def _read_text(path: Path, rel: str, warnings: list[str] | None = None, *, keep: bool = True) -> str | None:
+    """The file's text (``keep=False``: "" once checked, nothing held), or None when it is
+    skipped with a warning: binary, not UTF-8, UTF-16, unreadable or empty."""
+    if not _probe(path, rel, warnings):
         return None
+    parts: list[str] = []
+    has_text = False
+    try:
+        for number, raw in _lines(path, rel):
+            if b"\x00" in raw:
+                _skip(warnings, path, rel, f"binary (a NUL byte on line {number})")
+                return None
+            try:  # a line ends at b"\n", which never splits a UTF-8 sequence
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _skip(warnings, path, rel, f"not UTF-8 (line {number}, byte {exc.start + 1})")
+                return None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
+            has_text = has_text or bool(line.strip())
+            if keep:
+                parts.append(line)
+    except OSError as exc:
+        _skip(warnings, path, rel, f"cannot be read: {exc.strerror}")
+        return None
+    if not has_text:
+        _skip(warnings, path, rel, "empty")
+        return None
+    return "".join(parts)
 
 
-def _jsonl(path: Path, rel: str) -> Iterator[tuple[str, Any]]:
-    text = _read_text(path)
-    if text is None:
+def _surrogate_free(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _jsonl(path: Path, rel: str, warnings: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """(file:line, object) for each non-blank line; a bad line is a 400 naming file:line."""
+    if not _probe(path, rel, warnings):
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    seen = False
+    for number, raw in _lines(path, rel):
+        where = f"{rel}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad(where, f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
-        where = f"{rel}:{number}"
-        if len(line) > MAX_LINE_BYTES:
-            raise _bad(where, "line longer than 64 MB")
+        seen = True
         try:
-            yield where, json.loads(line)
-        except ValueError as exc:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
             raise _bad(where, f"invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise _bad(where, "invalid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise _bad(where, f"invalid JSON ({exc})") from None
+        if "\\ud" in line.lower() and not _surrogate_free(obj):
+            raise _bad(where, "a lone UTF-16 surrogate escape (\\udXXX) is not text")
+        yield where, obj
+    if not seen:
+        _skip(warnings, path, rel, "empty")
+
+
+def _skipped(warnings: list[str] | None) -> str:
+    return f" (skipped: {'; '.join(warnings)})" if warnings else ""
 
 
 # --- CPT ------------------------------------------------------------------------------------
 
 
-def load_documents(folder: Path) -> list[tuple[str, str]]:
-    """(where, text) for every document; a .jsonl line with "text" is one document."""
-    docs = []
-    for path in _files(folder, TEXT_SUFFIXES | JSONL_SUFFIXES):
+def iter_documents(folder: Path, warnings: list[str] | None = None, *, texts: bool = True
+                   ) -> Iterator[tuple[str, str]]:
+    """(where, text) for every document; a .jsonl line with "text" is one document. Skipped
+    files are appended to ``warnings``. ``texts=False`` checks without keeping a file's text (a
+    plain text document then comes as "")."""
+    for path in _files(folder, TEXT_SUFFIXES | JSONL_SUFFIXES, warnings):
         rel = str(path.relative_to(folder.parent))
         if path.suffix.lower() in JSONL_SUFFIXES:
-            for where, obj in _jsonl(path, rel):
+            for where, obj in _jsonl(path, rel, warnings):
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise _bad(where, 'expected an object with a "text" string')
                 if obj["text"].strip():
-                    docs.append((where, obj["text"]))
+                    yield where, obj["text"]
         else:
-            text = _read_text(path)
-            if text and text.strip():
-                docs.append((rel, text))
-    return docs
+            text = _read_text(path, rel, warnings, keep=texts)
+            if text is not None:
+                yield rel, text
+
+
+def load_documents(folder: Path, warnings: list[str] | None = None) -> list[tuple[str, str]]:
+    return list(iter_documents(folder, warnings))
+
+
+def no_documents(folder: Path, warnings: list[str] | None) -> ForgeError:
+    return ForgeError(ErrorCode.INVALID_REQUEST, f"No text documents in dataset '{folder.name}'{_skipped(warnings)}",
+                      details={"field": "dataset", "skipped": list(warnings or [])},
+                      suggestion="CPT reads .txt .md .rst files and .jsonl lines with a \"text\" field, in UTF-8.")
 
 
 def split_documents(docs: list[tuple[str, str]], validation_split: float, seed: int
@@ -163,14 +266,23 @@ def to_messages(obj: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def load_chat_examples(folder: Path) -> list[tuple[str, list[dict[str, str]]]]:
-    examples = []
-    for path in _files(folder, JSONL_SUFFIXES):
-        for where, obj in _jsonl(path, str(path.relative_to(folder.parent))):
-            examples.append((where, to_messages(obj, where)))
+def iter_chat_examples(folder: Path, warnings: list[str] | None = None
+                       ) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    for path in _files(folder, JSONL_SUFFIXES, warnings):
+        for where, obj in _jsonl(path, str(path.relative_to(folder.parent)), warnings):
+            yield where, to_messages(obj, where)
+
+
+def too_few_examples(warnings: list[str] | None) -> ForgeError:
+    return ForgeError(ErrorCode.INVALID_REQUEST, f"An IFT dataset needs at least two JSON Lines examples"
+                      f"{_skipped(warnings)}", details={"field": "dataset", "skipped": list(warnings or [])},
+                      suggestion="Put chat examples in .jsonl files (UTF-8).")
+
+
+def load_chat_examples(folder: Path, warnings: list[str] | None = None) -> list[tuple[str, list[dict[str, str]]]]:
+    examples = list(iter_chat_examples(folder, warnings))
     if len(examples) < 2:
-        raise ForgeError(ErrorCode.INVALID_REQUEST, "An IFT dataset needs at least two JSON Lines examples",
-                         details={"field": "dataset"}, suggestion="Put chat examples in .jsonl files.")
+        raise too_few_examples(warnings)
     return examples
 
 

@@ -26,6 +26,7 @@ class PreparedRun:
     training_id: str
     run_dir: Path
     output_dir: str
+    warnings: list[str]  # dataset files skipped (binary, not UTF-8, empty, a link leading out)
 
 
 def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | None = None) -> PreparedRun:
@@ -35,11 +36,12 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
     of the run it names (same training id, metrics appended)."""
     model = resolve_model(request.model_name, ws)
     dataset = resolve_dataset(ws, request.dataset)
-    check_dataset(dataset, request.training_type)
+    warnings: list[str] = []
+    check_dataset(dataset, request.training_type, warnings)
     general = None
     if request.general_dataset:
         general = resolve_dataset(ws, request.general_dataset, field="general_dataset")
-        check_dataset(general, "cpt")
+        check_dataset(general, "cpt", warnings)
     now = now or datetime.now()
     if request.resume_from:
         source = ws.resolve(request.resume_from, field="resume_from")
@@ -80,4 +82,4 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
         if not request.resume_from:  # no empty run folder left behind (a full disk)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return PreparedRun(tid, run_dir, output_dir)
+    return PreparedRun(tid, run_dir, output_dir, warnings)

@@ -7,12 +7,16 @@ from pathlib import Path
 
 from forgellm.schemas import ErrorCode, TrainingStartRequest
 from forgellm.services.common.errors import ForgeError
-from forgellm.services.common.workspace import Workspace
-from forgellm.services.training.data import load_chat_examples, load_documents
+from forgellm.services.common.workspace import Workspace, check_name
+from forgellm.services.training.data import iter_chat_examples, iter_documents, no_documents, too_few_examples
 
 
 def resolve_dataset(workspace: Workspace, name: str, field: str = "dataset") -> Path:
-    """A folder under ``dataset/`` by name, or a folder path inside the workspace."""
+    """A folder under ``dataset/`` by name, or a folder path inside the workspace (400 for a name
+    that cannot be a path, 403 for one leading out, 404 for one that is not there)."""
+    check_name(name, field)
+    if Path(name).is_absolute():
+        workspace.resolve(name, field=field)  # refused: an absolute path is never a dataset name
     candidates = [workspace.datasets / name] if "/" not in name and name not in (".", "..") else []
     candidates.append(workspace.home / name)
     for candidate in candidates:
@@ -25,16 +29,19 @@ def resolve_dataset(workspace: Workspace, name: str, field: str = "dataset") -> 
                      suggestion="GET /api/dataset/info lists the datasets; put text under dataset/<name>/.")
 
 
-def check_dataset(folder: Path, training_type: str) -> int:
-    """Parse every file as the trainer will (without tokenizing); returns the item count."""
+def check_dataset(folder: Path, training_type: str, warnings: list[str] | None = None) -> int:
+    """Parse every file as the trainer will (without tokenizing, and without keeping the text:
+    the trainer service never holds a dataset in memory); returns the item count. Skipped files
+    (binary, not UTF-8, empty, a link leading out) are appended to ``warnings``."""
     if training_type == "ift":
-        return len(load_chat_examples(folder))
-    docs = load_documents(folder)
-    if not docs:
-        raise ForgeError(ErrorCode.INVALID_REQUEST, f"No text documents in dataset '{folder.name}'",
-                         details={"field": "dataset"},
-                         suggestion="CPT reads .txt .md .rst files and .jsonl lines with a \"text\" field.")
-    return len(docs)
+        count = sum(1 for _ in iter_chat_examples(folder, warnings))
+        if count < 2:
+            raise too_few_examples(warnings)
+        return count
+    count = sum(1 for _ in iter_documents(folder, warnings, texts=False))
+    if not count:
+        raise no_documents(folder, warnings)
+    return count
 
 
 def _short(text: str) -> str:
