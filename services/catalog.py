@@ -80,15 +80,17 @@ class CatalogService(Service):
 
     def _list_models(self) -> ListModelsReply:
         ws = self.workspace
+        # A link leading out of the workspace is neither listed nor read (resolve_model refuses it).
         base = [_entry(ws, p, p.name, relative_to=ws.models)
-                for p in sorted(ws.base_models.glob("*")) if is_model_dir(p)]
+                for p in sorted(ws.base_models.glob("*")) if is_model_dir(p) and ws.contains(p)]
         trained = {
             kind: [_entry(ws, p, p.name, relative_to=ws.models, stamp_file="training_config.json")
                    for p in runs.list_runs(ws, kind)]
             for kind in runs.RUN_KINDS
         }
         published = [_entry(ws, p, f"published/{p.name}", relative_to=ws.models)
-                      for p in sorted(ws.published.glob("*")) if is_model_dir(p) and not p.name.startswith(".")]
+                      for p in sorted(ws.published.glob("*"))
+                      if is_model_dir(p) and not p.name.startswith(".") and ws.contains(p)]
         return ListModelsReply(cached_models=self._cached_models(), base_models=base, cpt_models=trained["cpt"],
                                ift_models=trained["ift"], published_models=published)
 
@@ -141,7 +143,8 @@ class CatalogService(Service):
         ws = self.workspace
         folder = ws.resolve(user_path or ".", field="path")
         if not folder.exists():
-            raise ForgeError(ErrorCode.NOT_FOUND, f"No such folder: {user_path}", details={"path": user_path})
+            raise ForgeError(ErrorCode.NOT_FOUND, f"No such folder: {user_path}",
+                             details={"field": "path", "path": user_path})
         if not folder.is_dir():
             raise ForgeError(ErrorCode.INVALID_REQUEST, f"Not a folder: {user_path}",
                              details={"field": "path", "path": user_path})

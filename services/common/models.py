@@ -17,7 +17,7 @@ from typing import Any
 
 from forgellm.schemas import ErrorCode
 from forgellm.services.common.errors import ForgeError
-from forgellm.services.common.workspace import Workspace
+from forgellm.services.common.workspace import Workspace, check_name, outside_error
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -42,46 +42,59 @@ def is_model_dir(path: Path) -> bool:
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The newest local snapshot of ``repo_id`` in the HF cache, without any network call."""
     repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    snapshots = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    try:
+        ref = repo_dir / "refs" / "main"
+        if ref.is_file():
+            snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+            if snapshot.is_dir():
+                return snapshot
+        snapshots = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:  # a name too long for the file system is simply not in the cache
+        return None
     return snapshots[0] if snapshots else None
 
 
 def resolve_model(name: str, workspace: Workspace, *, field: str = "model_name") -> ModelRef:
+    """The model ``name`` means, or a ``ForgeError`` naming ``field``: 400 for a name that cannot
+    be a path, 403 for one that leads outside the workspace (``..``, an absolute path elsewhere, a
+    symlink out, even from models/base/), 404 ``MODEL_NOT_FOUND`` listing the places searched."""
     searched: list[str] = []
-    if "\x00" in name or not name.strip():
-        raise ForgeError(ErrorCode.INVALID_REQUEST, f"'{field}' is empty or has a NUL byte",
-                         details={"field": field})
+    if not name.strip():
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"'{field}' is empty", details={"field": field})
+    check_name(name, field)
     if name.startswith("published/"):
         path = workspace.resolve(str(Path("models") / name), field=field)
         searched.append(workspace.relative(workspace.published) + "/")
-        if is_model_dir(path):
+        # Exactly one folder of models/published: "published/../base/x" is not a published model.
+        if is_model_dir(path) and path.parent == Path(os.path.realpath(workspace.published)):
             return ModelRef(name, path, "published")
     else:
         base = workspace.base_models / name
         searched.append(workspace.relative(workspace.base_models) + "/")
-        if "/" not in name and ".." not in name and is_model_dir(base):
+        if "/" not in name and name not in (".", "..") and is_model_dir(base):
+            if not workspace.contains(base):
+                raise outside_error(field, name, "is a link in models/base that points outside the workspace")
             return ModelRef(name, base.resolve(), "base")
-        if not name.startswith("/") or workspace.contains(Path(name)):
-            try:
-                path = workspace.resolve(name, field=field, allow_absolute=True)
-            except ForgeError:
-                path = None
-            searched.append("workspace paths")
-            if path is not None and is_model_dir(path):
-                return ModelRef(name, path, "path")
+        escape: ForgeError | None = None
+        try:
+            path: Path | None = workspace.resolve(name, field=field, allow_absolute=True)
+        except ForgeError as exc:
+            if exc.code != ErrorCode.PATH_OUTSIDE_WORKSPACE:
+                raise
+            path, escape = None, exc
+        searched.append("workspace paths")
+        if path is not None and is_model_dir(path):
+            return ModelRef(name, path, "path")
         if name.count("/") == 1 and not name.startswith((".", "/")):
             searched.append(str(hf_cache_dir()) + "/")
             snapshot = _cached_snapshot(name)
             if snapshot is not None and is_model_dir(snapshot):
                 return ModelRef(name, snapshot, "hub-cache")
+        if escape is not None:  # not a Hub id either: say why it was not looked at
+            raise escape
     raise ForgeError(
         ErrorCode.MODEL_NOT_FOUND, "Model not found",
-        details={"model_name": name, "searched_paths": searched},
+        details={"field": field, "model_name": name, "searched_paths": searched},
         suggestion=(f"Download the model using: forgellm models pull {name}" if name.count("/") == 1
                     else "Import one with 'forgellm models import-gguf' or 'forgellm models fetch-demo'."),
     )

