@@ -16,6 +16,7 @@ from forgellm.bus import AsyncRpcClient, AsyncSubscriber, new_context
 from forgellm.config import Settings, bus_address
 from forgellm.config.settings import SERVICE_NAMES
 from forgellm.gateway.backpressure import BacklogGuard
+from forgellm.gateway.cors import install_cors, socketio_origins
 from forgellm.gateway.decode import decode_body, decode_query
 from forgellm.gateway.errors import REQUEST_ID, ApiError, request_context
 from forgellm.gateway.generation import generate_handler
@@ -140,6 +141,7 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
     token = link.settings.security.api_token
     middlewares = [request_context, *([token_middleware(token)] if token else [])]
     app = web.Application(middlewares=middlewares, client_max_size=link.settings.gateway.max_body_bytes)
+    install_cors(app, link.settings.gateway.cors_origins)  # closed unless origins are configured
     for route in ROUTES:
         if api not in route.apis:
             continue
@@ -158,7 +160,7 @@ def build_app(link: BusLink, api: str) -> tuple[web.Application, TrainingEvents 
     if api == "web":
         sio = socketio.AsyncServer(
             async_mode="aiohttp",
-            cors_allowed_origins=link.settings.gateway.cors_origins or None,
+            cors_allowed_origins=socketio_origins(link.settings.gateway.cors_origins),
             logger=False,
             engineio_logger=False,
             ping_interval=link.settings.gateway.socketio_ping_interval_s,
