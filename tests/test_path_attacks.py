@@ -84,7 +84,14 @@ def world():
             home / "models" / "published" / "link_pub": out / "model",
             home / "imports" / "link.gguf": out / "x.gguf",
             home / "link_out": out,
-            home / "loop": home / "loop",  # a link to itself
+            home / "loop": home / "loop",  # a link to itself, here and in every listed folder
+            home / "dataset" / "loop": home / "dataset" / "loop",
+            home / "dataset" / "good" / "loop.txt": home / "dataset" / "good" / "loop.txt",
+            home / "models" / "base" / "loop": home / "models" / "base" / "loop",
+            home / "models" / "cpt" / "loop": home / "models" / "cpt" / "loop",
+            home / "models" / "published" / "loop": home / "models" / "published" / "loop",
+            home / "models" / "cpt" / "run1" / "0000030_adapters.safetensors":
+                home / "models" / "cpt" / "run1" / "0000030_adapters.safetensors",
         }
         for link, target in links.items():
             os.symlink(target, link)
@@ -253,9 +260,10 @@ def test_the_platform_is_unchanged_after_the_attacks(world):
     _, model = call(world.platform, "GET", "/api/model/status")
     assert model["loaded"] is True and model["model_name"] == "tiny" and model["adapter_path"] is None
     published = sorted(p.name for p in (world.home / "models" / "published").iterdir())
-    assert published == ["link_pub", "pub"]
-    assert sorted(p.name for p in (world.home / "models" / "base").iterdir()) == ["link_model", "tiny"]
-    assert sorted(p.name for p in (world.home / "models" / "cpt").iterdir()) == ["evil_run", "link_run", "run1"]
+    assert published == ["link_pub", "loop", "pub"]
+    assert sorted(p.name for p in (world.home / "models" / "base").iterdir()) == ["link_model", "loop", "tiny"]
+    assert sorted(p.name for p in (world.home / "models" / "cpt").iterdir()) == [
+        "evil_run", "link_run", "loop", "run1"]
     _, health = call(world.platform, "GET", "/api/health")
     assert health["status"] == "healthy", health
 
@@ -265,6 +273,11 @@ def test_the_platform_is_unchanged_after_the_attacks(world):
 
 def test_valid_values_still_work(world):
     call_ = world.platform
+    for folder in (".", "dataset", "dataset/good", "models/base", "models/cpt", "models/cpt/run1", "models/published"):
+        code, body = call(call_, "GET", "/api/filesystem/browse", raw_query=f"path={folder}")  # symlink loops
+        assert code == 200 and "loop" not in json.dumps(body), body
+    code, body = call(call_, "GET", "/api/models")
+    assert code == 200 and "loop" not in json.dumps(body), body
     code, body = call(call_, "GET", "/api/filesystem/browse", raw_query="path=dataset")
     assert code == 200 and "good" in {d["name"] for d in body["directories"]}
     assert "link_data" not in {d["name"] for d in body["directories"]}

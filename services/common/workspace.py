@@ -69,14 +69,15 @@ class Workspace:
     def relative(self, path: Path) -> str:
         """``path`` as the API shows it: relative to the workspace."""
         try:
-            return str(path.resolve().relative_to(self.home))
-        except ValueError:
+            return str(Path(os.path.realpath(path)).relative_to(self.home))
+        except (ValueError, OSError):
             return str(path)
 
     def contains(self, path: Path) -> bool:
-        """Whether ``path``, every symlink followed, lies inside the workspace."""
+        """Whether ``path`` exists and, every symlink followed, lies inside the workspace (a
+        symlink loop or a dangling link does not)."""
         try:
-            resolved = Path(os.path.realpath(path))
+            resolved = Path(os.path.realpath(path, strict=True))
         except (OSError, ValueError):
             return False
         return resolved == self.home or self.home in resolved.parents
