@@ -3,6 +3,7 @@
 
 import zmq.asyncio
 
+from forgellm.bus import curve
 from forgellm.bus.codec import DecodeError, decode, decode_header, encode, new_id
 from forgellm.bus.errors import BusError, RemoteError, ServiceTimeout, ServiceUnavailable
 from forgellm.bus.events import AsyncSubscriber, EventPublisher, EventRecord
@@ -15,6 +16,7 @@ def new_context() -> zmq.asyncio.Context:
 
 
 __all__ = [
+    "curve",
     "new_context",
     "AsyncRpcClient",
     "AsyncSubscriber",

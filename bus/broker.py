@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 import zmq
 
+from forgellm.bus import curve
 from forgellm.bus.events import EventPublisher
 from forgellm.schemas import Heartbeat, ServiceReady, ServiceStopping
 
@@ -43,8 +44,8 @@ class Broker:
             sock.setsockopt(zmq.LINGER, 0)
         prepare_ipc(events_in)
         prepare_ipc(events_out)
-        self._xsub.bind(events_in)
-        self._xpub.bind(events_out)
+        curve.bind(self._xsub, events_in)
+        curve.bind(self._xpub, events_out)
         self._thread = threading.Thread(target=self._proxy, name="broker-proxy", daemon=True)
 
     def _proxy(self) -> None:
@@ -62,6 +63,7 @@ class Broker:
     def close(self) -> None:
         # term() makes the proxy thread's blocking call fail with ETERM; it then closes its
         # sockets (sockets are not thread-safe, so only their own thread may close them).
+        curve.stop_authenticators()
         self._ctx.term()
         self._thread.join(timeout=5)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import structlog
 import zmq
 
+from forgellm.bus import curve
 from forgellm.bus.codec import DecodeError, decode, encode, new_id
 from forgellm.bus.sockio import NOBLOCK, Readiness, plain_socket
 from forgellm.schemas import TOPICS, Envelope, Message
@@ -73,7 +74,7 @@ class EventPublisher:
         self._socket = plain_socket(ctx if ctx is not None else zmq.Context.instance(), zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 500)
-        self._socket.connect(address)
+        curve.connect(self._socket, address)
 
     def publish(self, event: Message, correlation_id: str = "") -> int:
         """Send ``event`` on its topic; returns its sequence number."""
@@ -134,7 +135,7 @@ class AsyncSubscriber:
         self._socket.setsockopt(zmq.LINGER, 0)
         for topic in self._topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._socket.connect(address)
+        curve.connect(self._socket, address)
         self._ready = Readiness(self._socket)
 
     async def recv(self) -> EventRecord:

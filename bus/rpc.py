@@ -3,8 +3,8 @@
 Frames: caller → ``[payload]`` (the codec's ``[header, body]``); the ROUTER adds the caller's
 identity. Each reply payload's header carries ``reply_to`` = the request's ``msg_id``; a
 streamed reply is several messages, all with ``final=False`` except the last. Callers never
-hang: no connection → ``ServiceUnavailable`` (the DEALER uses ``IMMEDIATE`` so nothing queues
-for an absent peer), no answer in time → ``ServiceTimeout``; read-only requests are retried a
+hang: no connection → ``ServiceUnavailable`` (a socket monitor says whether a peer is there:
+``sockio.PeerWatch``), no answer in time → ``ServiceTimeout``; read-only requests are retried a
 bounded number of times first. A request carries its deadline, and a server drops one whose
 caller has already given up.
 
@@ -24,6 +24,7 @@ from typing import Union
 import structlog
 import zmq
 
+from forgellm.bus import curve
 from forgellm.bus.codec import DecodeError, decode, encode, new_id
 from forgellm.bus.errors import RemoteError, ServiceTimeout, ServiceUnavailable
 from forgellm.bus.sockio import (
@@ -33,8 +34,8 @@ from forgellm.bus.sockio import (
     MORE_NOBLOCK,
     NOBLOCK,
     POLLIN,
-    POLLOUT,
     RCVMORE,
+    PeerWatch,
     attach_reader,
     detach_reader,
     plain_socket,
@@ -86,7 +87,7 @@ class RpcServer:
         _configure(self._socket, hwm)
         # A caller that went away must not make send block or raise.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._socket.bind(address)
+        curve.bind(self._socket, address)
         # The loop's way back into the thread: replies of handlers that ran on the loop.
         self._loop_id = b"loop-" + new_id().encode()
         inproc = f"inproc://rpc-{self._loop_id.decode()}"
@@ -316,8 +317,8 @@ class AsyncRpcClient:
         self.read_retries = read_retries
         self._socket = plain_socket(ctx, zmq.DEALER)
         _configure(self._socket, hwm)
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.connect(address)
+        self._peer = PeerWatch(self._socket)  # no peer: ServiceUnavailable at once
+        curve.connect(self._socket, address)
         self._fd = self._socket.get(FD)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -369,25 +370,21 @@ class AsyncRpcClient:
             deadline=time.time() + timeout,
         ), request)
         sock = self._socket
+        if not self._peer.update():
+            # No connected peer yet: a fresh client may still be connecting, so wait a moment.
+            await self._wait_for_peer(loop.time() + min(timeout, 1.0))
         try:
             sock.send(payload, NOBLOCK)
-        except zmq.Again:
-            # No connected peer yet: a fresh client may still be connecting, so wait a moment.
-            await self._send_when_connected(payload, loop.time() + min(timeout, 1.0))
+        except zmq.Again:  # the queue to the service is full: it is not keeping up
+            raise ServiceUnavailable(self.service) from None
         # The send may have taken in the signal for replies that arrived meanwhile: look now.
         if not self._draining and sock.get(EVENTS) & POLLIN:
             self._drain()
 
-    async def _send_when_connected(self, payload: bytes, until: float) -> None:
+    async def _wait_for_peer(self, until: float) -> None:
         loop = asyncio.get_running_loop()
         pause = 0.001
-        while True:
-            if self._socket.get(EVENTS) & POLLOUT:
-                try:
-                    self._socket.send(payload, NOBLOCK)
-                    return
-                except zmq.Again:
-                    pass
+        while not self._peer.update():
             left = until - loop.time()
             if left <= 0:
                 raise ServiceUnavailable(self.service)
@@ -447,6 +444,7 @@ class AsyncRpcClient:
 
     def close(self) -> None:
         detach_reader(self)
+        self._peer.close()
         self._socket.close(linger=0)
 
 
@@ -469,20 +467,15 @@ class RpcClient:
         self.read_retries = read_retries
         self._socket = plain_socket(ctx or zmq.Context.instance(), zmq.DEALER)
         _configure(self._socket, 1000)
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.connect(address)
+        self._peer = PeerWatch(self._socket)
+        curve.connect(self._socket, address)
 
     def _send(self, msg_id: str, request: Request, correlation_id: str, timeout: float) -> None:
         header = Envelope(msg_id=msg_id, correlation_id=correlation_id, source=self.source,
                           deadline=time.time() + timeout)
         payload = encode(header, request)
-        try:
-            self._socket.send(payload, NOBLOCK)
-            return
-        except zmq.Again:
-            pass
         # No connected peer yet: a fresh client may still be connecting, so wait a moment.
-        if not self._socket.poll(int(min(timeout, 1.0) * 1000), zmq.POLLOUT):
+        if not self._peer.wait(min(timeout, 1.0)):
             raise ServiceUnavailable(self.service)
         try:
             self._socket.send(payload, NOBLOCK)
@@ -543,4 +536,5 @@ class RpcClient:
                 return
 
     def close(self) -> None:
+        self._peer.close()
         self._socket.close(linger=0)

@@ -35,6 +35,8 @@ class BusSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tcp_host: str
     tcp_base_port: int
     hwm: int
+    curve: bool
+    curve_dir: str
 
 
 class TimeoutSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -161,6 +163,8 @@ def load_settings(
     if not data["workspace"]["home"]:
         data["workspace"]["home"] = home
     data["workspace"]["home"] = str(Path(data["workspace"]["home"]).resolve())
+    if not data["bus"]["curve_dir"]:
+        data["bus"]["curve_dir"] = str(Path(data["workspace"]["home"]) / ".forgellm" / "curve")
     if not data["bus"]["run_dir"]:
         data["bus"]["run_dir"] = _default_run_dir(Path(data["workspace"]["home"]))
     try:

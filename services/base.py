@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Union
 
 import structlog
 
-from forgellm.bus import EventPublisher, RpcServer, new_context
+from forgellm.bus import EventPublisher, RpcServer, curve, new_context
 from forgellm.bus.broker import prepare_ipc
 from forgellm.config import Settings, bus_address
 from forgellm.schemas import (
@@ -173,5 +173,6 @@ class Service:
             await self.on_stop()
             self.server.close()
             self.events.close()
+            curve.stop_authenticators()
             self.ctx.destroy(linger=500)
         return 0

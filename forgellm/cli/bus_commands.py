@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import click
 import msgspec
 
 from forgellm.bus import AsyncSubscriber, new_context
+from forgellm.bus.curve import CurveKeysMissing, create_keys
+from forgellm.bus_security import InsecureBus, secure_bus
 from forgellm.config import bus_address, load_settings
 
 
@@ -52,8 +55,28 @@ async def _tail(address: str, topics: tuple[str, ...], as_json: bool, count: int
 @click.option("--count", type=int, default=None, help="Stop after this many events.")
 def tail(topics: tuple[str, ...], as_json: bool, count: int | None) -> None:
     """Print every event on the bus as it happens (Ctrl-C to stop)."""
-    address = bus_address(load_settings(), "events_out")
+    settings = load_settings()
+    try:
+        secure_bus(settings)
+    except (InsecureBus, CurveKeysMissing) as exc:
+        raise click.ClickException(str(exc)) from None
+    address = bus_address(settings, "events_out")
     try:
         asyncio.run(_tail(address, topics, as_json, count))
     except KeyboardInterrupt:
         pass
+
+
+@bus.command()
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write them (default: bus.curve_dir, <workspace>/.forgellm/curve).")
+def keys(folder: Path | None) -> None:
+    """Make the CURVE certificates for a bus that spans hosts (keeps existing ones)."""
+    folder = folder or Path(load_settings().bus.curve_dir)
+    made = create_keys(folder)
+    click.echo(f"CURVE certificates in {made.folder}:")
+    click.echo("  server.key(_secret)  every process that binds bus sockets (broker, services)")
+    click.echo("  client.key(_secret)  every process that connects (gateway, CLI, services)")
+    click.echo(f"  {made.authorized.name}/          public keys allowed in (client.key is there)")
+    click.echo("Copy the folder to each host (keep *_secret private), then set FORGELLM_BUS_CURVE=true "
+               "(and FORGELLM_BUS_CURVE_DIR if elsewhere) everywhere.")

@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from forgellm.bus import EventPublisher
+from forgellm.bus.curve import CurveKeysMissing
+from forgellm.bus_security import InsecureBus, secure_bus
 from forgellm.config import bus_address, load_settings
 from forgellm.config.settings import ConfigError
 from forgellm.logs import configure_logging
@@ -23,9 +25,14 @@ PROCESSES = ("broker", "trainer", "inference", "catalog", "publisher", "gateway"
 
 def _settings(**gateway: object):
     try:
-        return load_settings({"gateway": gateway})
+        settings = load_settings({"gateway": gateway})
     except ConfigError as exc:
         raise click.ClickException(f"configuration: {exc}") from exc
+    try:  # before any bus socket of this process exists
+        secure_bus(settings)
+    except (InsecureBus, CurveKeysMissing) as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings
 
 
 def _child_env(settings) -> dict[str, str]:
@@ -38,6 +45,7 @@ def _child_env(settings) -> dict[str, str]:
     if settings.security.api_token:
         env["FORGELLM_SECURITY_API_TOKEN"] = settings.security.api_token
     env["FORGELLM_BUS_RUN_DIR"] = str(settings.run_dir)
+    env["FORGELLM_BUS_CURVE_DIR"] = settings.bus.curve_dir
     env.setdefault("FORGELLM_LOGGING_FORMAT", "console" if sys.stdout.isatty() else "json")
     return env
 

@@ -26,6 +26,7 @@ import numpy as np
 import structlog
 
 from forgellm.bus import EventPublisher
+from forgellm.bus_security import secure_bus
 from forgellm.config import bus_address, load_settings
 from forgellm.logs import configure_logging
 from forgellm.schemas import (
@@ -423,6 +424,7 @@ def main(argv: list[str]) -> int:
     the config's ``resume_from``; the trainer uses it to resume a run after a crash."""
     run_dir = Path(argv[1]).resolve()
     settings = load_settings()
+    secure_bus(settings)  # its events reach the broker over the same (maybe CURVE) bus
     configure_logging("trainer-worker", settings.logging.level, settings.logging.format)
     log.info("blas", library=preload_blas())
     events = EventPublisher(bus_address(settings, "events_in"), "trainer-worker", hwm=settings.bus.hwm)
