@@ -304,10 +304,6 @@ def test_listings_leave_out_what_links_outside(world):
     ("/api/model/load", {"model_name": "tiny", "adapter_path": "models/cpt/evil_run"}),
     ("/api/model/generate", {"prompt": "hi", "max_tokens": 1, "adapter": "models/cpt/evil_run"}),
 ])
-@pytest.mark.xfail(strict=True, reason=(
-    "services/generation/adapters.py resolve_adapter: with no ranked checkpoint it falls back to "
-    "adapters.safetensors / the newest NNNNNNN_adapters.safetensors from run_dir.iterdir() without "
-    "Workspace.contains(), so a checkpoint linked out of the workspace is loaded (owned by another session)"))
 def test_a_run_whose_checkpoint_links_out_is_not_used(world, endpoint, body):
     """evil_run looks like a run, but its only checkpoint is a link to an adapter outside."""
     code, reply = call(world.platform, "POST", endpoint, body)

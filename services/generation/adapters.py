@@ -70,9 +70,10 @@ def resolve_adapter(workspace: Workspace, adapter_path: str, field: str = "adapt
                 adapter_path, path, weights,
                 f"best checkpoint {weights.name} (iteration {best.iteration}, lowest validation loss "
                 f"{best.validation_loss:.4f})", iteration=best.iteration, validation_loss=best.validation_loss)
-    if (path / FINAL_ADAPTER).is_file():
+    # Fallbacks read the folder itself: a file in it that links out of the workspace is not used.
+    if (path / FINAL_ADAPTER).is_file() and workspace.contains(path / FINAL_ADAPTER):
         return AdapterChoice(adapter_path, path, path / FINAL_ADAPTER, f"final adapters {FINAL_ADAPTER}")
-    checkpoints = sorted(p for p in path.iterdir() if CHECKPOINT_FILE.match(p.name))
+    checkpoints = sorted(p for p in path.iterdir() if CHECKPOINT_FILE.match(p.name) and workspace.contains(p))
     if checkpoints:
         newest = checkpoints[-1]
         return AdapterChoice(adapter_path, path, newest,
