@@ -51,10 +51,34 @@ def _integral_floats_as_ints(value: Any) -> Any:
     return value
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what msgpack carries on the bus (the document says int64)
+
+
+def _wide_int_at(value: Any, path: str = "") -> str | None:
+    """The path of the first integer outside int64 in a decoded JSON value, else None."""
+    if type(value) is int:
+        return path if not INT_MIN <= value <= INT_MAX else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if type(item) in (int, dict, list):
+            where = _wide_int_at(item, f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key))
+            if where is not None:
+                return where
+    return None
+
+
 def convert(data: Mapping[str, Any], struct_type: type[T], *, strict: bool = True) -> T:
     unknown = sorted(set(data) - field_names(struct_type) - {"type"})
     if unknown:
         raise _invalid(f"unknown field(s): {', '.join(unknown)}", unknown[0], struct_type)
+    wide = _wide_int_at(data)
+    if wide is not None:  # msgspec takes any Python int, msgpack cannot send it: was a 500
+        raise _invalid(f"integer out of range (int64: {INT_MIN} to {INT_MAX})", wide, struct_type)
     try:
         return msgspec.convert(data, struct_type, strict=strict)
     except msgspec.ValidationError as exc:

@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 
+from forgellm.gateway.decode import INT_MAX, INT_MIN
 from forgellm.gateway.routes import ROUTES, Route
 from forgellm.schemas import ErrorBody, HealthReply
 
@@ -21,6 +22,20 @@ def _strip_tag(schema: dict[str, Any]) -> None:
         schema["required"] = [name for name in schema.get("required", []) if name != "type"]
         if not schema["required"]:
             schema.pop("required")
+
+
+def _int64(schema: Any) -> None:
+    """Every integer is an int64 (gateway/decode.py refuses wider ones: msgpack cannot carry them)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            schema.setdefault("format", "int64")
+            schema.setdefault("minimum", INT_MIN)
+            schema.setdefault("maximum", INT_MAX)
+        for value in schema.values():
+            _int64(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _int64(value)
 
 
 def _query_schema(prop: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +68,7 @@ def openapi_document(api: str, server_url: str = "") -> dict[str, Any]:
     _, components = msgspec.json.schema_components(ordered, ref_template=_REF)
     for schema in components.values():
         _strip_tag(schema)
+        _int64(schema)
     for route in routes:
         if route.request is not None:
             # The gateway refuses unknown fields of a request (gateway/decode.py), so say so.

@@ -58,7 +58,8 @@ class GenerateRequest(Request, kw_only=True):
     # OpenAI's additive penalties over the tokens generated so far (beyond the reference)
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
-    seed: int | None = None
+    # MLX seeds its generator with an unsigned integer: a negative seed was a 500 (found by fuzzing).
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
     stop: list[str] = []
     streaming: bool = False
     is_base_model: bool = False

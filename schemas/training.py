@@ -39,7 +39,7 @@ class TrainingStartRequest(Request, kw_only=True):
     validation_split: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.1
     early_stopping_patience: Annotated[int, msgspec.Meta(ge=0)] = 3
     steps_per_report: Annotated[int, msgspec.Meta(ge=1)] = 10
-    seed: int = 0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 0  # numpy and MLX take unsigned seeds
     general_dataset: str | None = None
     resume_from: str | None = None
 
