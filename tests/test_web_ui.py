@@ -6,6 +6,7 @@ Screenshots of every view go to ``$FORGELLM_ARTIFACTS`` (default ``tests/artifac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -316,9 +317,32 @@ def test_views_errors_and_compare(ui_platform, browser):
     page.wait_for_selector("[data-testid=datasets] td:has-text('doc000.txt')")
 
     # Monitor of a finished run, and chat side by side.
+    # Side by side on one base: the base alone vs the same base + a run's adapter, answered at once
+    # by the one loaded model (per-request adapters), no model load in between.
     page.goto(ui_platform.web + "/#chat")
     page.check("#chat-sbs")
     page.wait_for_selector("#chat-b:not([hidden])")
+    page.wait_for_selector("#chat-adapter-b option:nth-child(2)", state="attached")
+    page.select_option("#chat-model", "tiny")
+    page.select_option("#chat-adapter", "")
+    page.select_option("#chat-model-b", "tiny")
+    run_folder = page.eval_on_selector("#chat-adapter-b option:nth-child(2)", "o => o.value")
+    page.select_option("#chat-adapter-b", run_folder)
+    requests: list[tuple[str, str]] = []
+    page.on("request", lambda r: requests.append((r.url, r.post_data or "")) if r.method == "POST" else None)
+    before = len(page.locator("[data-testid=assistant]").all())
+    page.fill("#chat-input", "The heron crosses")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("n => document.querySelectorAll('[data-testid=assistant][data-done=true]').length >= n",
+                           arg=before + 2, timeout=60_000)
+    generates = [json.loads(body) for url, body in requests if url.endswith("/api/model/generate")]
+    assert sorted(g.get("adapter") for g in generates) == sorted(["none", run_folder]), generates
+    loads = [body for url, body in requests if url.endswith("/api/model/load")]
+    assert all(json.loads(body).get("adapter_path") is None for body in loads), loads  # the base, at most once
+    titles = page.locator(".pane-title").all_text_contents()
+    assert sum("(per request)" in t for t in titles) == 2, titles
+    stats = page.locator("[data-testid=assistant] .stats-line").all_text_contents()[-2:]
+    assert any("adapter none" in s for s in stats) and any(f"adapter {run_folder}" in s for s in stats), stats
     shot(page, "chat-side-by-side")
     assert not console.unexpected(), console.errors
     page.close()

@@ -1,6 +1,9 @@
 // Chat: streaming generation (fetch + ReadableStream over the NDJSON framing of
 // POST /api/model/generate), sampling settings, model + adapter choice, per-message stats, and a
-// side-by-side mode (the model server holds one model: each side is loaded, then answered, in turn).
+// side-by-side mode. Two sides on the same base model (e.g. base vs a run's adapter) are answered at
+// once by that one loaded model, each request naming its own adapter ("none" = the bare base: the
+// model server's per-request adapters, batched together); two different models are each loaded,
+// then answered, in turn (the model server holds one model).
 
 import { $, api, ApiError, authHeaders, busy, clearError, errorBox, fmtInt, go, h, showError, toast } from "./api.js";
 import {
@@ -177,8 +180,18 @@ async function send() {
   $("#chat-stop").disabled = false;
   try {
     let status = await waitWhileLoading();
-    if ($("#chat-sbs").checked) {
-      for (const [pane, choice] of [[panes[0], choiceA()], [panes[1], choiceB()]]) {
+    const sides = [[panes[0], choiceA()], [panes[1], choiceB()]];
+    if ($("#chat-sbs").checked && sides[0][1].model && sides[0][1].model === sides[1][1].model) {
+      // One base, two adapters: no reload, both streams at once.
+      if (!status.loaded || status.model_name !== sides[0][1].model) status = await ensureLoaded({ model: sides[0][1].model, adapter: null }, status);
+      const loaded = status;
+      await Promise.all(sides.map(([pane, choice]) => {
+        pane.title.textContent = `${pane === panes[0] ? "Left" : "Right"}: ${loaded.model_name} + `
+          + `${choice.adapter || "no adapter"} (per request)`;
+        return converse(pane, prompt, loaded, choice.adapter || "none");
+      }));
+    } else if ($("#chat-sbs").checked) {
+      for (const [pane, choice] of sides) {
         status = await ensureLoaded(choice, status);
         pane.title.textContent = `${pane === panes[0] ? "Left" : "Right"}: ${status.model_name}`
           + `${status.adapter_file ? ` + ${status.adapter_file}` : ""}`;
@@ -200,8 +213,8 @@ async function send() {
   }
 }
 
-/** One streamed turn in ``pane``. */
-async function converse(pane, prompt, status) {
+/** One streamed turn in ``pane``; ``adapter`` (optional) is this request's own adapter. */
+async function converse(pane, prompt, status, adapter = undefined) {
   const system = $("#chat-system").value.trim();
   const history = [...(system ? [{ role: "system", content: system }] : []), ...pane.history];
   pane.log.append(h("div", { class: "msg user" }, prompt));
@@ -211,6 +224,7 @@ async function converse(pane, prompt, status) {
   pane.log.append(bubble);
   pane.el.scrollTop = pane.el.scrollHeight;
   const body = { prompt, history, ...sampling(), streaming: true, is_base_model: status?.model_type === "base" };
+  if (adapter !== undefined) body.adapter = adapter;
   const started = performance.now();
   let tokens = 0;
   let final = null;
@@ -254,6 +268,7 @@ async function converse(pane, prompt, status) {
         ? `first token ${final.time_to_first_token.toFixed(2)} s` : null,
       `${final.generation_time_seconds?.toFixed(2)} s`,
       `prompt ${fmtInt(final.prompt_tokens)} tokens`,
+      adapter !== undefined ? `adapter ${final.adapter_file || "none"}` : null,
       final.finish_reason,
     ].filter(Boolean).join(" · ");
     bubble.dataset.done = "true";
