@@ -80,10 +80,16 @@ class ImportGgufRequest(Request, kw_only=True):
     force: bool = False
 
 
+_HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = f"^{_HUB_NAME}/{_HUB_NAME}$"
+
+
 class PullModelRequest(Request, kw_only=True):
     """Download a Hub model (safetensors + tokenizer) into the Hugging Face cache."""
 
-    repo_id: Annotated[str, msgspec.Meta(min_length=3, max_length=200)]
+    # owner/name as the Hub allows them (huggingface_hub's validate_repo_id, less its "--", ".." and
+    # ".git" rules): ASCII letters, digits, "_", "-", ".", 1-96 each, not starting or ending with - or .
+    repo_id: Annotated[str, msgspec.Meta(min_length=3, max_length=193, pattern=REPO_ID)]
     revision: str | None = None
 
 
