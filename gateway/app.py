@@ -58,7 +58,7 @@ class BusLink:
             AsyncSubscriber(self.ctx, events_out, ("service.",)), timeouts.heartbeat_timeout_s)
 
     def training_feed(self) -> AsyncSubscriber:
-        return AsyncSubscriber(self.ctx, bus_address(self.settings, "events_out"), ("training.",))
+        return AsyncSubscriber(self.ctx, bus_address(self.settings, "events_out"), ("training.", "publish."))
 
     def check_up(self, service: str) -> None:
         if self.monitor.is_down(service):

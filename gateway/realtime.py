@@ -3,6 +3,11 @@ reference's ``training_update`` / ``training_complete`` / ``training_error``, pl
 ``training_checkpoint`` (an extension: a checkpoint is on disk, with its iteration, path and
 validation loss) so that a client's checkpoint list follows the run without polling.
 
+The publisher's ``publish.*`` events (progress of a publish, a demo fetch, a GGUF import, a Hub
+pull) go to every connected client as ``publish_progress`` / ``publish_complete`` /
+``publish_error`` with the ``correlation_id`` of the REST request that started the job (its
+``X-Request-ID``): the page that sent it shows the stages of its own job.
+
 Subscribe first, then snapshot (the "Clone" pattern): a client that joins mid-run gets the
 current state at once from the trainer, then every live update.
 """
@@ -18,6 +23,9 @@ import structlog
 
 from forgellm.bus import AsyncRpcClient, AsyncSubscriber, BusError
 from forgellm.schemas import (
+    PublishComplete,
+    PublishError,
+    PublishProgress,
     TrainingCheckpoint,
     TrainingComplete,
     TrainingError,
@@ -35,6 +43,11 @@ SOCKETIO_EVENTS: dict[type, str] = {
     TrainingCheckpoint: "training_checkpoint",
 }
 ALL_RUNS = "training:*"
+JOB_EVENTS: dict[type, str] = {
+    PublishProgress: "publish_progress",
+    PublishComplete: "publish_complete",
+    PublishError: "publish_error",
+}
 
 
 def room(training_id: str | None) -> str:
@@ -100,6 +113,11 @@ class TrainingEvents:
         async for record in self.subscriber:
             name = SOCKETIO_EVENTS.get(type(record.body))
             if name is None:
+                job_event = JOB_EVENTS.get(type(record.body))
+                if job_event is not None:
+                    data = payload(record.body)
+                    data["correlation_id"] = record.header.correlation_id
+                    await self.sio.emit(job_event, data)
                 continue
             data = payload(record.body)
             data["seq"] = record.header.seq

@@ -226,3 +226,33 @@ async def test_publish_reports_progress_and_completion_on_the_bus(published_run)
     finally:
         subscriber.close()
         ctx.destroy(linger=0)
+
+
+async def test_publish_progress_reaches_socketio_with_the_request_id(published_run):
+    import asyncio
+
+    import socketio
+
+    platform, run = published_run
+    client = socketio.AsyncClient(reconnection=False)
+    events: list[tuple[str, dict]] = []
+    for kind in ("publish_progress", "publish_complete", "publish_error"):
+        client.on(kind, lambda data, kind=kind: events.append((kind, data)))
+    await client.connect(platform.web, transports=["websocket"], wait_timeout=10)
+    try:
+        request_id = "pubprogress0001"
+        status, body, headers = await asyncio.to_thread(
+            http, "POST", platform.web + "/api/training/publish_checkpoint",
+            {"checkpoint_path": f"{run}/0000040_adapters.safetensors", "training_dir": run},
+            {"X-Request-ID": request_id}, None, 300)
+        assert status == 200 and headers["X-Request-ID"] == request_id, body
+        deadline = time.monotonic() + 10
+        while not any(kind == "publish_complete" and data["correlation_id"] == request_id for kind, data in events):
+            assert time.monotonic() < deadline, events
+            await asyncio.sleep(0.05)
+        mine = [data for kind, data in events if kind == "publish_progress" and data["correlation_id"] == request_id]
+        assert mine[0]["stage"] == "fusing adapter into base model" and mine[-1]["stage"] == "done"
+        fractions = [data["fraction"] for data in mine]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    finally:
+        await client.disconnect()

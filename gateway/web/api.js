@@ -30,7 +30,22 @@ export class ApiError extends Error {
 const unauthorizedListeners = [];
 export function onUnauthorized(fn) { unauthorizedListeners.push(fn); }
 
-export async function request(path, { method = "GET", body, query, signal } = {}) {
+/** A fresh id for X-Request-ID: the server tags the job's bus events with it (publish_progress). */
+export function newRequestId() {
+  return [...crypto.getRandomValues(new Uint8Array(8))].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// publish_progress / publish_complete / publish_error from Socket.IO, routed by the request id.
+const jobListeners = new Map();
+export function onJobEvent(requestId, fn) {
+  jobListeners.set(requestId, fn);
+  return () => jobListeners.delete(requestId);
+}
+export function dispatchJobEvent(kind, data) {
+  jobListeners.get(data?.correlation_id)?.(kind, data);
+}
+
+export async function request(path, { method = "GET", body, query, signal, requestId } = {}) {
   let url = path;
   if (query) {
     const params = new URLSearchParams();
@@ -38,7 +53,7 @@ export async function request(path, { method = "GET", body, query, signal } = {}
     const qs = params.toString();
     if (qs) url += `?${qs}`;
   }
-  const init = { method, headers: { ...authHeaders() }, signal };
+  const init = { method, headers: { ...authHeaders(), ...(requestId ? { "X-Request-ID": requestId } : {}) }, signal };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);

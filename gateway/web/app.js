@@ -1,7 +1,7 @@
 // The page: views behind #hash links, one Socket.IO connection, health, the API token (asked for
 // when the gateway answers 401; sent on every request and as Socket.IO's auth).
 
-import { $, $$, api, apiToken, errorBox, onUnauthorized, request, setApiToken, toast } from "./api.js";
+import { $, $$, api, apiToken, dispatchJobEvent, errorBox, onUnauthorized, request, setApiToken, toast } from "./api.js";
 import * as chat from "./chat.js";
 import * as datasets from "./datasets.js";
 import * as models from "./models.js";
@@ -89,6 +89,9 @@ function connectSocket() {
   socket.on("training_update", (data) => monitor.onUpdate(data));
   socket.on("training_complete", (data) => monitor.onComplete(data));
   socket.on("training_error", (data) => monitor.onError(data));
+  for (const kind of ["publish_progress", "publish_complete", "publish_error"]) {
+    socket.on(kind, (data) => dispatchJobEvent(kind, data));
+  }
   socket.on("training_checkpoint", (data) => monitor.onCheckpoint(data));
   return socket;
 }

@@ -1,7 +1,10 @@
 // Models: base, cached, CPT, IFT and published models; load one into the model server; import
 // a GGUF, pull from the Hub, install the demo model; quantize / export a published model.
 
-import { $, api, busy, clearError, errorBox, fmtDate, fmtGb, fmtMb, go, h, openPublished, showError, toast } from "./api.js";
+import {
+  $, api, busy, clearError, errorBox, fmtDate, fmtGb, fmtMb, go, h, newRequestId, onJobEvent, openPublished, showError,
+  toast,
+} from "./api.js";
 import { getModels, loadModel, onModelStatus, publishedName, refreshModelStatus } from "./store.js";
 
 // Every add/derive action answers only when its job is done (the publisher runs it; the reply is
@@ -20,8 +23,8 @@ export function init() {
   $("#gguf-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = event.currentTarget;
-    runJob(form, form.querySelector("button[type=submit]"), $("#gguf-result"), "Importing the GGUF", async () => {
-      const reply = await api("/api/models/import_gguf", { method: "POST", body: {
+    runJob(form, form.querySelector("button[type=submit]"), $("#gguf-result"), "Importing the GGUF", async (requestId) => {
+      const reply = await api("/api/models/import_gguf", { method: "POST", requestId, body: {
         path: $("#gguf-path").value.trim(), name: $("#gguf-name").value.trim() || null, force: $("#gguf-force").checked,
       } });
       await show();
@@ -31,8 +34,8 @@ export function init() {
   $("#pull-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = event.currentTarget;
-    runJob(form, form.querySelector("button[type=submit]"), $("#pull-result"), "Pulling from the Hub", async () => {
-      const reply = await api("/api/models/pull", { method: "POST", body: {
+    runJob(form, form.querySelector("button[type=submit]"), $("#pull-result"), "Pulling from the Hub", async (requestId) => {
+      const reply = await api("/api/models/pull", { method: "POST", requestId, body: {
         repo_id: $("#pull-repo").value.trim(), revision: $("#pull-revision").value.trim() || null,
       } });
       await show();
@@ -40,8 +43,8 @@ export function init() {
     });
   });
   $("#fetch-demo").addEventListener("click", (event) => {
-    runJob($("#demo-card"), event.currentTarget, $("#demo-result"), "Installing the demo model", async () => {
-      const reply = await api("/api/models/fetch_demo", { method: "POST", body: {} });
+    runJob($("#demo-card"), event.currentTarget, $("#demo-result"), "Installing the demo model", async (requestId) => {
+      const reply = await api("/api/models/fetch_demo", { method: "POST", requestId, body: {} });
       await show();
       return added(reply, reply.model_name);
     });
@@ -100,14 +103,24 @@ async function runJob(card, button, out, what, fn) {
   for (const el of card.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
   const started = performance.now();
   const elapsed = h("span", {}, "0 s");
+  const stage = h("span", { class: "job-stage" });
+  const bar = h("progress", { "aria-label": what });
   out.replaceChildren(h("div", { class: "job", role: "status", "data-state": "running" },
-    h("progress", { "aria-label": what }), h("span", {}, `${what}… `, elapsed)));
+    bar, h("span", {}, `${what}… `, stage, elapsed)));
+  // The publisher's stage-by-stage events for this request (publish_progress over Socket.IO).
+  const requestId = newRequestId();
+  const stopListening = onJobEvent(requestId, (kind, data) => {
+    if (kind !== "publish_progress") return;
+    bar.max = 1;
+    bar.value = Math.max(0, Math.min(1, data.fraction ?? 0));
+    stage.textContent = `${data.stage} · `;
+  });
   const timer = setInterval(() => { elapsed.textContent = `${Math.round((performance.now() - started) / 1000)} s`; }, 1000);
   const buttons = [...card.querySelectorAll("button")];
   buttons.forEach((b) => { b.disabled = true; });
   card.setAttribute("aria-busy", "true");
   try {
-    const content = await fn();
+    const content = await fn(requestId);
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     out.replaceChildren(h("div", { class: "ok-box", role: "status", "data-state": "done" }, content,
       h("div", { class: "muted small-text" }, `took ${seconds} s`)));
@@ -121,6 +134,7 @@ async function runJob(card, button, out, what, fn) {
       input.focus();
     }
   } finally {
+    stopListening();
     clearInterval(timer);
     buttons.forEach((b) => { b.disabled = false; });
     card.removeAttribute("aria-busy");

@@ -3,7 +3,7 @@
 
 import {
   $, api, busy, clearError, errorBox, fmtEta, fmtGb, fmtInt, fmtLr, fmtMb, fmtNum, fmtTokens, go, h,
-  openPublished, showError, toast,
+  newRequestId, onJobEvent, openPublished, showError, toast,
 } from "./api.js";
 import { cssColor, LineChart } from "./chart.js";
 import { getModels, runFolders } from "./store.js";
@@ -248,9 +248,21 @@ async function refreshCheckpoints({ keepLive = false } = {}) {
 
 async function publish(checkpoint, button) {
   const out = $("#mon-publish");
-  const result = await busy(button, "Publishing…", () => api("/api/training/publish_checkpoint", {
-    method: "POST", body: { checkpoint_path: checkpoint.path, training_dir: run.dir },
-  }), out);
+  // The publisher's stages (fuse, save, dashboard, card) arrive as publish_progress events.
+  const requestId = newRequestId();
+  const stage = h("div", { class: "job", role: "status", "data-testid": "publish-stage" });
+  out.replaceChildren(stage);
+  const stopListening = onJobEvent(requestId, (kind, data) => {
+    if (kind === "publish_progress") stage.textContent = `Publishing: ${data.stage} (${Math.round((data.fraction ?? 0) * 100)} %)`;
+  });
+  let result;
+  try {
+    result = await busy(button, "Publishing…", () => api("/api/training/publish_checkpoint", {
+      method: "POST", requestId, body: { checkpoint_path: checkpoint.path, training_dir: run.dir },
+    }), out);
+  } finally {
+    stopListening();
+  }
   if (!result) return;
   toast(`Published ${result.model_name}`, "ok");
   out.replaceChildren(h("div", { class: "ok-box", role: "status", "data-testid": "published" },
