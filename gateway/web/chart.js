@@ -30,6 +30,20 @@ function distinct(vals, format) {
   return labels;
 }
 
+/** The y range: uPlot's own, except for a (nearly) flat series, e.g. a constant learning rate or a
+ * cosine that has barely started over a long run: uPlot would stretch a 1e-6 change over the whole
+ * height (or draw nothing when it is exactly flat) with unreadable ticks. Such a series is shown as
+ * what it is, a flat line in a ±10 % band around its value. */
+function yRange(min, max) {
+  if (min === null || max === null || !Number.isFinite(min) || !Number.isFinite(max)) return [0, 1];
+  if (max - min <= Math.abs(max) * 0.01) {
+    const mid = (min + max) / 2;
+    const pad = Math.abs(mid) * 0.1 || 1;
+    return [mid - pad, mid + pad];
+  }
+  return window.uPlot.rangeNum(min, max, 0.1, true);
+}
+
 export class LineChart {
   /**
    * series: [{label, color, dash?, points?: "only" | true, width?}]
@@ -44,7 +58,7 @@ export class LineChart {
     const opts = {
       width: Math.max(container.clientWidth, 300),
       height,
-      scales: { x: { time: false } },
+      scales: { x: { time: false }, y: { range: (u, min, max) => yRange(min, max) } },
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
       axes: [
