@@ -22,6 +22,16 @@ from forgellm.schemas import Heartbeat, ServiceReady, ServiceStopping
 
 log = structlog.get_logger("bus.broker")
 
+# What the broker reads from a peer, at most, per frame (libzmq drops the connection of a peer
+# that sends more). Subscribers only send subscriptions, and ours are short topic prefixes: a long
+# one is an attack, because libzmq 4.3 walks its subscription trie recursively, one stack frame per
+# byte, when it removes one (an unsubscribe, or the subscriber going away). A 1 MB subscription
+# followed by a disconnect crashed the broker with SIGSEGV (tests/test_fuzz_bus.py).
+MAX_SUBSCRIPTION_BYTES = 4096
+# Publishers send events; ours are small (tens of kB at most), so a frame this big is not one and
+# must not be copied to every subscriber.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+
 
 def prepare_ipc(address: str) -> None:
     """Make the folder of an ``ipc://`` address (owner-only) and remove a stale socket file."""
@@ -42,6 +52,8 @@ class Broker:
             sock.setsockopt(zmq.SNDHWM, hwm)
             sock.setsockopt(zmq.RCVHWM, hwm)
             sock.setsockopt(zmq.LINGER, 0)
+        self._xsub.setsockopt(zmq.MAXMSGSIZE, MAX_EVENT_BYTES)
+        self._xpub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         prepare_ipc(events_in)
         prepare_ipc(events_out)
         curve.bind(self._xsub, events_in)
