@@ -271,8 +271,11 @@ class TrainerService(Service):
         except TimeoutError:
             return TrainingStopReply(message="Training is stopping: the final checkpoint is being written")
 
+    # On the event loop, not inline on the socket thread: a client that has just seen
+    # training_complete must find the run completed here too, and the run's state follows the
+    # worker's events on this loop (the same events the gateway forwards).
     @handles(TrainingStatusRequest)
-    def training_status(self, request: TrainingStatusRequest, header: Envelope) -> TrainingStatusReply:
+    async def training_status(self, request: TrainingStatusRequest, header: Envelope) -> TrainingStatusReply:
         run = self.active
         if run is None:
             return TrainingStatusReply()
@@ -295,7 +298,7 @@ class TrainerService(Service):
             suggestion=failure.suggestion if failure else None)
 
     @handles(RealtimeRequest)
-    def realtime(self, request: RealtimeRequest, header: Envelope) -> RealtimeReply:
+    async def realtime(self, request: RealtimeRequest, header: Envelope) -> RealtimeReply:
         run = self.active
         if run is None or run.last is None:
             return RealtimeReply(is_training=self.is_training())
