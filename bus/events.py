@@ -32,6 +32,9 @@ from forgellm.bus.codec import DecodeError, decode, encode, new_id
 from forgellm.bus.sockio import NOBLOCK, Readiness, plain_socket
 from forgellm.schemas import TOPICS, Envelope, Message
 
+# (source, instance, topic) streams whose sequence numbers a subscriber remembers
+MAX_STREAMS = 4096
+
 log = structlog.get_logger("bus.events")
 
 SEPARATOR = b"\0"  # between the topic and the payload; never in a topic
@@ -159,6 +162,10 @@ class AsyncSubscriber:
             key = (header.source, header.instance, topic)
             last = self._last.get(key)
             missed = header.seq - last - 1 if last is not None and header.seq > last else 0
+            if last is None and len(self._last) >= MAX_STREAMS:
+                # A flood of made-up sources must not grow this without bound: forget the
+                # stream seen longest ago (a real one just restarts its gap count).
+                del self._last[next(iter(self._last))]
             self._last[key] = header.seq
             if missed:
                 self.missed += missed

@@ -19,6 +19,7 @@ from forgellm.bus import AsyncSubscriber
 from forgellm.schemas import Heartbeat, ProcessExited, ServiceReady, ServiceStopping
 
 log = structlog.get_logger("gateway.health")
+MAX_PROCESSES = 256  # processes health keeps track of (a Procfile has a handful)
 
 PROCESSES = ("broker", "trainer", "inference", "catalog", "publisher")
 INFO_MAX_AGE_S = 1.0
@@ -48,6 +49,10 @@ class ServiceMonitor:
         async for record in self._subscriber:
             event = record.body
             now = time.monotonic()
+            name = getattr(event, "service", None) or getattr(event, "name", None)
+            if name is not None and name not in self._seen and len(self._seen) >= MAX_PROCESSES:
+                # Made-up names flooding the bus: forget the one heard from longest ago.
+                del self._seen[min(self._seen, key=lambda n: self._seen[n].at)]
             if isinstance(event, Heartbeat):
                 previous = self._seen.get(event.service)
                 if previous and previous.state == "down" and previous.pid == event.pid:

@@ -51,4 +51,7 @@ def test_pull_offline_is_a_clear_error(platform):
     assert "fetch-demo" in body["suggestion"]
     got, body, _ = http("POST", platform.web + "/api/models/pull", {"repo_id": "not a repo"})
     assert got == 400 and body["details"]["field"] == "repo_id"
+    for refused_by_the_hub in ("a--b/c", "x/y.git"):  # ids huggingface_hub rejects: 400, not OFFLINE
+        got, body, _ = http("POST", platform.web + "/api/models/pull", {"repo_id": refused_by_the_hub})
+        assert got == 400 and body["details"]["field"] == "repo_id", body
     assert not list((platform.home / "hf-cache").glob("models--*/snapshots/*/config.json"))  # nothing fake

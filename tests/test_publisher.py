@@ -256,3 +256,13 @@ async def test_publish_progress_reaches_socketio_with_the_request_id(published_r
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
     finally:
         await client.disconnect()
+
+
+def test_a_run_without_a_usable_training_config_is_a_400_not_a_500(published_run):
+    from tests.helpers.tiny_model import write_lora_run
+
+    platform, _ = published_run
+    foreign = platform.home / "models" / "ift" / "foreign"  # adapters made elsewhere: no model_path
+    write_lora_run(foreign, platform.home / "models" / "base" / "tiny", {10: 1.0})
+    status, body = publish(platform, "models/ift/foreign", 10)
+    assert status == 400 and body["details"]["field"] == "training_dir" and "model_path" in body["error"], body

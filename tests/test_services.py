@@ -96,7 +96,8 @@ def test_garbage_to_a_real_service_is_dropped_and_it_keeps_answering(bus_home):
     home, settings, procs = bus_home
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(bus_address(settings, "trainer"))
-    for frames in ([b"x"], [b"\x93\x01", b"\xff" * 100], [b""] * 5, [b"\x00" * 1_000_000, b"y"]):
+    for frames in ([b"x"], [b"\x93\x01", b"\xff" * 100], [b""] * 5, [b"\x00" * 1_000_000, b"y"],
+                   [b"\x00" * (65 << 20)]):  # over the 64 MB cap: the peer is dropped, not buffered
         raw.send_multipart(frames)
     raw.close(linger=1000)
     client = RpcClient(bus_address(settings, "trainer"), "trainer")

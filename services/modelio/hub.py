@@ -41,6 +41,7 @@ def pull(repo_id: str, *, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -58,6 +59,10 @@ def pull(repo_id: str, *, revision: str | None = None) -> Path:
     except RevisionNotFoundError:
         raise ForgeError(ErrorCode.INVALID_REQUEST, f"{repo_id} has no revision {revision!r}",
                          details={"field": "revision"}) from None
+    except HFValidationError as exc:  # an id the Hub itself refuses: the caller's mistake, not the network
+        raise ForgeError(ErrorCode.INVALID_REQUEST, f"Invalid field 'repo_id': {exc}",
+                         details={"field": "repo_id"},
+                         suggestion="A Hub id looks like 'HuggingFaceTB/SmolLM2-135M-Instruct'.") from None
     except LocalEntryNotFoundError:
         raise ForgeError(ErrorCode.OFFLINE, f"Cannot reach the Hugging Face Hub to download {repo_id}",
                          suggestion=OFFLINE_HINT) from None

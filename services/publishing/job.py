@@ -64,9 +64,17 @@ def publish_checkpoint(ws: Workspace, checkpoint_path: str, training_dir: str, *
                        progress: Progress | None = None, now: datetime | None = None) -> Published:
     say = progress or (lambda stage, fraction: None)
     run_dir, checkpoint, iteration = find_checkpoint(ws, checkpoint_path, training_dir)
-    config = json.loads((run_dir / "training_config.json").read_text())
-    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
-    base_path = Path(config["model_path"])
+    try:
+        config = json.loads((run_dir / "training_config.json").read_text())
+        adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+        base_path = Path(config["model_path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        missing = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ForgeError(ErrorCode.INVALID_REQUEST,
+                         f"This run's training_config.json / adapter_config.json cannot be used to publish ({missing})",
+                         details={"field": "training_dir", "training_dir": training_dir},
+                         suggestion="Publish a run made by ForgeLLM's trainer: its training_config.json names the "
+                                    "base model (model_path).") from None
     if not (base_path / "config.json").is_file():
         raise ForgeError(ErrorCode.MODEL_NOT_FOUND, f"The base model of this run is gone: {base_path}",
                          details={"model_name": config.get("model_name")},
