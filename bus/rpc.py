@@ -117,6 +117,11 @@ class RpcServer:
     def failed(self) -> int:
         return self._counts[1] + self._counts[3]
 
+    @property
+    def stopping(self) -> bool:
+        """Set once ``stop`` was seen: new requests are turned away from then on."""
+        return self._draining
+
     async def serve(self, handler: Handler, stop: asyncio.Event, inline: InlineHandler | None = None) -> None:
         """Answer requests until ``stop`` is set, then finish the ones in hand.
 

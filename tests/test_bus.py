@@ -438,7 +438,10 @@ async def test_a_stopping_server_finishes_the_request_in_hand_and_turns_new_ones
     in_hand = asyncio.ensure_future(client.request(PingRequest()))
     await asyncio.wait_for(started.wait(), 5)
     stop.set()
-    await asyncio.sleep(0.05)  # serve() has seen the stop
+    deadline = time.monotonic() + 5
+    while not rpc.stopping:  # serve() has seen the stop
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)
     began = time.monotonic()
     with pytest.raises(RemoteError) as refused:
         await client.request(PingRequest())
