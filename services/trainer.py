@@ -39,6 +39,7 @@ from forgellm.schemas import (
     TrainingUpdate,
 )
 from forgellm.services.base import Service, handles
+from forgellm.services.common import gpu
 from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
 from forgellm.services.common.process import signal_when_parent_dies
 from forgellm.services.common.runs import current_run, read_metrics
@@ -303,9 +304,10 @@ class TrainerService(Service):
         if run is None or run.last is None:
             return RealtimeReply(is_training=self.is_training())
         last = run.last
+        busy = await asyncio.to_thread(gpu.utilization) if not run.finished else None
         metrics = RealtimeMetrics(
             iteration=last.iteration, training_loss=last.training_loss, validation_loss=last.validation_loss,
             learning_rate=last.learning_rate, tokens_per_second=last.tokens_per_second,
-            memory_usage_gb=last.memory_usage_gb, gpu_utilization=None,
+            memory_usage_gb=last.memory_usage_gb, gpu_utilization=busy,
             timestamp=datetime.now().astimezone().isoformat(timespec="seconds"))
         return RealtimeReply(current_metrics=metrics, is_training=not run.finished)

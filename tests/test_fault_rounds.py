@@ -191,6 +191,9 @@ async def test_kill_9_in_turn_during_a_run(fresh_platform):
             await asyncio.sleep(0.2)
 
     reached = await progress_beyond(30, "first checkpoint")
+    _, live, _ = await asyncio.to_thread(http, "GET", platform.web + "/api/dashboard/realtime")
+    busy = live["current_metrics"]["gpu_utilization"]  # measured (CUDA, Metal) or null: never invented
+    assert busy is None or 0 <= busy <= 100, live
     with Callers(platform) as callers:
         for victim in VICTIMS:
             before = await progress_beyond(reached["current_iteration"], f"before killing {victim}")
