@@ -19,25 +19,21 @@ ADDR = "ipc:///tmp/fbench-floor.sock"
 def reply_payload(header):
     return encode(Envelope(msg_id=new_id(), reply_to=header.msg_id, source="s"), PingReply(service="s", pid=1, uptime_s=0.0, version="x"))
 
+def sync_router_loop(ctx):
+    s = ctx.socket(zmq.ROUTER); s.bind(ADDR)
+    print("ready", flush=True)
+    while True:
+        ident, payload = s.recv_multipart()
+        h, b = decode(payload)
+        s.send(ident, MORE_NOBLOCK); s.send(reply_payload(h), NOBLOCK)
+
 def server(kind):
     ctx = zmq.Context()
     if kind == "sync":
-        s = ctx.socket(zmq.ROUTER); s.bind(ADDR)
-        print("ready", flush=True)
-        while True:
-            ident, payload = s.recv_multipart()
-            h, b = decode(payload)
-            s.send(ident, MORE_NOBLOCK); s.send(reply_payload(h), NOBLOCK)
+        sync_router_loop(ctx)
     if kind == "thread":  # a sync ROUTER loop in a thread beside an idle asyncio loop (a service's shape)
         import threading
-        def loop_thread():
-            s = ctx.socket(zmq.ROUTER); s.bind(ADDR)
-            print("ready", flush=True)
-            while True:
-                ident, payload = s.recv_multipart()
-                h, b = decode(payload)
-                s.send(ident, MORE_NOBLOCK); s.send(reply_payload(h), NOBLOCK)
-        threading.Thread(target=loop_thread, daemon=True).start()
+        threading.Thread(target=sync_router_loop, args=(ctx,), daemon=True).start()
         async def idle():
             while True: await asyncio.sleep(1)
         asyncio.run(idle())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -364,29 +365,34 @@ def test_blocking_client_without_service_is_unavailable(short_tmp):
     client.close()
 
 
-async def test_rpc_over_tcp():
+@contextlib.asynccontextmanager
+async def rpc_served(address: str, handler, inline=None, name: str = "svc"):
+    """An ``RpcServer`` answering on ``address`` for the block, with a client of its own;
+    yields ``(rpc, client, stop, serving)`` and stops, closes and destroys everything after."""
     ctx = zmq.asyncio.Context()
-    address = f"tcp://127.0.0.1:{free_port()}"
-    rpc = RpcServer(ctx, address, "tcpsvc")
+    rpc = RpcServer(ctx, address, name)
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(rpc.serve(handler, stop, inline))
+    client = AsyncRpcClient(ctx, address, name, timeout_s=5, read_retries=0)
+    try:
+        yield rpc, client, stop, serving
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 5)
+        client.close()
+        rpc.close()
+        ctx.destroy(linger=0)
 
+
+async def test_rpc_over_tcp():
     async def handler(header, request):
         return PingReply(service="tcpsvc", pid=2, uptime_s=0.0, version="t")
 
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(rpc.serve(handler, stop))
-    client = AsyncRpcClient(ctx, address, "tcpsvc")
-    assert (await client.request(PingRequest())).service == "tcpsvc"
-    stop.set()
-    await task
-    client.close()
-    rpc.close()
-    ctx.destroy(linger=0)
+    async with rpc_served(f"tcp://127.0.0.1:{free_port()}", handler, name="tcpsvc") as (_, client, _, _):
+        assert (await client.request(PingRequest())).service == "tcpsvc"
 
 
 async def test_inline_handlers_answer_on_the_socket_thread_and_the_rest_on_the_loop(short_tmp):
-    ctx = zmq.asyncio.Context()
-    address = f"ipc://{short_tmp}/inline.sock"
-    rpc = RpcServer(ctx, address, "svc")
     loop_thread = threading.get_ident()
     seen: dict[str, int] = {}
 
@@ -402,29 +408,19 @@ async def test_inline_handlers_answer_on_the_socket_thread_and_the_rest_on_the_l
         seen["loop"] = threading.get_ident()
         return PingReply(service="svc", pid=1, uptime_s=0.0, version="loop")
 
-    stop = asyncio.Event()
-    serving = asyncio.ensure_future(rpc.serve(handler, stop, inline))
-    client = AsyncRpcClient(ctx, address, "svc", timeout_s=5)
-    assert (await client.request(PingRequest())).version == "inline"
-    assert seen["inline"] != loop_thread
-    assert (await client.request(GenerateRequest(prompt="x", max_tokens=1))).version == "loop"
-    assert seen["loop"] == loop_thread
-    with pytest.raises(RemoteError) as failure:  # a bug in an inline handler: an error, not a dead thread
-        await client.request(TrainingStopRequest())
-    assert failure.value.code == ErrorCode.INTERNAL and "inline boom" in str(failure.value)
-    assert (await client.request(PingRequest())).version == "inline"
-    assert (rpc.served, rpc.failed) == (4, 1)  # every answer counts; the error once more
-    stop.set()
-    await asyncio.wait_for(serving, 5)
-    client.close()
-    rpc.close()
-    ctx.destroy(linger=0)
+    async with rpc_served(f"ipc://{short_tmp}/inline.sock", handler, inline) as (rpc, client, _, _):
+        assert (await client.request(PingRequest())).version == "inline"
+        assert seen["inline"] != loop_thread
+        assert (await client.request(GenerateRequest(prompt="x", max_tokens=1))).version == "loop"
+        assert seen["loop"] == loop_thread
+        with pytest.raises(RemoteError) as failure:  # a bug in an inline handler: an error, not a dead thread
+            await client.request(TrainingStopRequest())
+        assert failure.value.code == ErrorCode.INTERNAL and "inline boom" in str(failure.value)
+        assert (await client.request(PingRequest())).version == "inline"
+        assert (rpc.served, rpc.failed) == (4, 1)  # every answer counts; the error once more
 
 
 async def test_a_stopping_server_finishes_the_request_in_hand_and_turns_new_ones_away(short_tmp):
-    ctx = zmq.asyncio.Context()
-    address = f"ipc://{short_tmp}/drain.sock"
-    rpc = RpcServer(ctx, address, "svc")
     started, release = asyncio.Event(), asyncio.Event()
 
     async def handler(header, request):
@@ -432,24 +428,19 @@ async def test_a_stopping_server_finishes_the_request_in_hand_and_turns_new_ones
         await release.wait()
         return PingReply(service="svc", pid=1, uptime_s=0.0, version="in hand")
 
-    stop = asyncio.Event()
-    serving = asyncio.ensure_future(rpc.serve(handler, stop))
-    client = AsyncRpcClient(ctx, address, "svc", timeout_s=5, read_retries=0)
-    in_hand = asyncio.ensure_future(client.request(PingRequest()))
-    await asyncio.wait_for(started.wait(), 5)
-    stop.set()
-    deadline = time.monotonic() + 5
-    while not rpc.stopping:  # serve() has seen the stop
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.001)
-    began = time.monotonic()
-    with pytest.raises(RemoteError) as refused:
-        await client.request(PingRequest())
-    assert refused.value.code == ErrorCode.SERVICE_UNAVAILABLE and time.monotonic() - began < 1
-    assert not serving.done()  # still waiting for the request in hand
-    release.set()
-    assert (await asyncio.wait_for(in_hand, 5)).version == "in hand"
-    await asyncio.wait_for(serving, 5)
-    client.close()
-    rpc.close()
-    ctx.destroy(linger=0)
+    async with rpc_served(f"ipc://{short_tmp}/drain.sock", handler) as (rpc, client, stop, serving):
+        in_hand = asyncio.ensure_future(client.request(PingRequest()))
+        await asyncio.wait_for(started.wait(), 5)
+        stop.set()
+        deadline = time.monotonic() + 5
+        while not rpc.stopping:  # serve() has seen the stop
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        began = time.monotonic()
+        with pytest.raises(RemoteError) as refused:
+            await client.request(PingRequest())
+        assert refused.value.code == ErrorCode.SERVICE_UNAVAILABLE and time.monotonic() - began < 1
+        assert not serving.done()  # still waiting for the request in hand
+        release.set()
+        assert (await asyncio.wait_for(in_hand, 5)).version == "in hand"
+        await asyncio.wait_for(serving, 5)

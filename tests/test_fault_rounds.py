@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http, processes_of
+from tests.helpers.procs import Platform, http, processes_of, worker_pid
 
 RUN = {"model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3, "max_seq_length": 64,
        "max_iterations": 100_000, "save_every": 25, "steps_per_eval": 25, "early_stopping_patience": 0}
@@ -34,16 +34,6 @@ ALLOWED = {200, 503, 504}  # while something is down, callers get one of these, 
 
 def status(platform: Platform) -> dict:
     return http("GET", platform.web + "/api/training/status", timeout=10)[1]
-
-
-def worker_pid(platform: Platform) -> int | None:
-    for pid in processes_of(platform.home):
-        try:
-            if b"forgellm.services.training.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    return None
 
 
 def load_tiny(platform: Platform) -> None:
@@ -197,7 +187,7 @@ async def test_kill_9_in_turn_during_a_run(fresh_platform):
     with Callers(platform) as callers:
         for victim in VICTIMS:
             before = await progress_beyond(reached["current_iteration"], f"before killing {victim}")
-            pid = worker_pid(platform) if victim == "worker" else platform.pid_of(victim)
+            pid = worker_pid(platform.home) if victim == "worker" else platform.pid_of(victim)
             assert pid, victim
             connects, resumes = watcher.connects, len(resume_events(run_dir))
             generation = None
@@ -219,7 +209,7 @@ async def test_kill_9_in_turn_during_a_run(fresh_platform):
                     assert time.monotonic() < deadline, f"no resume after killing the {victim}"
                     await asyncio.sleep(0.1)
                 after = resume_events(run_dir)[-1]["iteration"]
-                assert (run_dir / f"{after:07d}_adapters.safetensors").is_file() and worker_pid(platform) != pid, \
+                assert (run_dir / f"{after:07d}_adapters.safetensors").is_file() and worker_pid(platform.home) != pid, \
                     (run_dir / "metrics.jsonl").read_text().splitlines()[-12:]
             reached = await progress_beyond(after, f"training after killing {victim}", 120)
             if generation is not None:

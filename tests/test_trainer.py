@@ -18,7 +18,7 @@ import mlx.core as mx
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http, poll, processes_of, running_platform
+from tests.helpers.procs import Platform, http, poll, running_platform, worker_pid
 from tests.helpers.tiny_lm import write_corpus, write_tiny_model
 
 FAST = {"model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3,
@@ -197,19 +197,14 @@ def test_resume_matches_an_uninterrupted_run(trainer):
     assert curve(events[cut:]) == curve(events[:cut]) != []  # the same curve, appended to the same file
 
 
-def worker_pid(platform: Platform) -> int:
-    """The training worker of this platform (other workspaces may run workers of their own)."""
-    return next(pid for pid in processes_of(platform.home)
-                if b"forgellm.services.training.worker" in Path(f"/proc/{pid}/cmdline").read_bytes())
-
-
 async def test_kill_9_of_the_worker_is_reported_and_resumed(trainer):
     reply = await asyncio.to_thread(start, trainer, max_iterations=1500, save_every=50, steps_per_eval=50,
                                     early_stopping_patience=0)
     deadline = time.monotonic() + 60
     while (await asyncio.to_thread(status, trainer))["current_iteration"] < 60:
         assert time.monotonic() < deadline
-    worker = await asyncio.to_thread(worker_pid, trainer)
+    worker = await asyncio.to_thread(worker_pid, trainer.home)
+    assert worker is not None, "no training worker running"
     client = socketio.AsyncClient(reconnection=False)
     errors = []
     client.on("training_error", lambda data: errors.append((time.monotonic(), data)))

@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from yarl import URL
 
 from forgellm.gateway.errors import request_context
 from forgellm.gateway.static import add_web_routes
-from tests.helpers.procs import http, running_platform
+from tests.helpers.procs import http, poll, running_platform
 
 CHROMIUM = os.environ.get("FORGELLM_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FORGELLM_ARTIFACTS") or Path(__file__).parent / "artifacts")
@@ -162,6 +161,17 @@ def wait_points(page, more_than: int, timeout: float = 30) -> int:
     return points(page)
 
 
+def wait_idle(platform, timeout: float = 60) -> None:
+    """Until the trainer says no run is training."""
+    poll(lambda: http("GET", platform.web + "/api/training/status")[1], lambda s: not s.get("is_training"),
+         timeout, "the run to end", 0.2)
+
+
+def stop_run(platform) -> None:
+    http("POST", platform.web + "/api/training/stop")
+    wait_idle(platform)
+
+
 @needs_chromium
 def test_train_watch_reload_stop_publish_chat(ui_platform, browser):
     page = browser.new_page(viewport={"width": 1366, "height": 900})
@@ -255,19 +265,13 @@ def test_views_errors_and_compare(ui_platform, browser):
         "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64, "max_iterations": 30,
         "learning_rate": 0.001, "steps_per_report": 5, "save_every": 15, "steps_per_eval": 15})
     if status == 409:  # the first test's run is still stopping: wait until the trainer says it ended
-        deadline = time.monotonic() + 60
-        while (http("GET", ui_platform.web + "/api/training/status")[1].get("is_training")
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
+        wait_idle(ui_platform)
         status, body, _ = http("POST", ui_platform.web + "/api/training/start", {
             "model_name": "tiny", "dataset": "grammar", "batch_size": 4, "max_seq_length": 64,
             "max_iterations": 30, "learning_rate": 0.001, "steps_per_report": 5, "save_every": 15,
             "steps_per_eval": 15})
     assert status == 200, body
-    deadline = time.monotonic() + 60
-    while http("GET", ui_platform.web + "/api/training/status")[1]["is_training"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_idle(ui_platform)
 
     page = browser.new_page(viewport={"width": 1366, "height": 900})
     console = Console(page)
@@ -372,11 +376,7 @@ def test_gateway_restart_mid_run_reconnects_with_the_whole_curve(ui_platform, br
         drawn = page.evaluate("() => ({...document.querySelector('#chart-loss').dataset})")
         assert int(drawn["points"]) == int(drawn["last"]) // 10, drawn
     finally:
-        http("POST", ui_platform.web + "/api/training/stop")
-        deadline = time.monotonic() + 60
-        while http("GET", ui_platform.web + "/api/training/status")[1]["is_training"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        stop_run(ui_platform)
     page.wait_for_function("() => document.querySelector('#mon-phase').textContent === 'stopped'", timeout=30_000)
     assert not console.unexpected(), console.errors
     page.close()
@@ -420,11 +420,7 @@ def test_checkpoints_table_follows_checkpoint_events(ui_platform, browser):
         page.wait_for_function("its => its.every(i => document.querySelector(`[data-testid=checkpoints] "
                                "tr[data-iteration='${i}'] td:nth-child(5)`)?.textContent !== '—')", arg=iterations)
     finally:
-        http("POST", ui_platform.web + "/api/training/stop")
-        deadline = time.monotonic() + 60
-        while http("GET", ui_platform.web + "/api/training/status")[1]["is_training"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        stop_run(ui_platform)
     page.wait_for_function("() => document.querySelector('#mon-phase').textContent === 'stopped'", timeout=30_000)
     assert not console.unexpected(), console.errors
     page.close()

@@ -62,6 +62,18 @@ def processes_of(home: Path) -> list[int]:
     return pids
 
 
+def worker_pid(home: Path) -> int | None:
+    """The training worker of the platform at ``home`` (other workspaces may run workers of
+    their own), or None when it has none."""
+    for pid in processes_of(home):
+        try:
+            if b"forgellm.services.training.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:  # it exited meanwhile
+            continue
+    return None
+
+
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
          raw: bytes | None = None, timeout: float = 30) -> tuple[int, dict[str, Any], dict[str, str]]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
