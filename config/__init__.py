@@ -5,7 +5,8 @@ from forgellm.config.settings import (
     GatewaySettings,
     Settings,
     bus_address,
+    is_loopback,
     load_settings,
 )
 
-__all__ = ["BusSettings", "GatewaySettings", "Settings", "bus_address", "load_settings"]
+__all__ = ["BusSettings", "GatewaySettings", "Settings", "bus_address", "is_loopback", "load_settings"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import tempfile
 import tomllib
@@ -174,6 +175,20 @@ def load_settings(
     if settings.bus.transport not in ("ipc", "tcp"):
         raise ConfigError(f"bus.transport must be 'ipc' or 'tcp', not {settings.bus.transport!r}")
     return settings
+
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine only:
+    what the gateway and the bus may bind to without a token or CURVE."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def bus_address(settings: Settings, endpoint: str) -> str:

@@ -7,24 +7,14 @@ non-loopback host without CURVE is refused, as the gateway refuses a public host
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from forgellm.bus import curve
-from forgellm.config import Settings
+from forgellm.config import Settings, is_loopback
 
 
 class InsecureBus(RuntimeError):
     pass
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def secure_bus(settings: Settings) -> None:

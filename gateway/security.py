@@ -9,24 +9,13 @@ must carry ``Authorization: Bearer <token>`` (or ``X-API-Token``) and every Sock
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from typing import Any
 
 from aiohttp import web
 
+from forgellm.config import is_loopback
 from forgellm.gateway.errors import ApiError
 from forgellm.schemas import ErrorCode
-
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, token: str) -> None:
