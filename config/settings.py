@@ -48,6 +48,14 @@ class TimeoutSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_grace_s: float
 
 
+class TrainingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    hosts: list[str]
+    backend: str
+    launcher: str
+    hang_timeout_s: float
+    preflight_timeout_s: float
+
+
 class WorkspaceSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     home: str
 
@@ -65,6 +73,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gateway: GatewaySettings
     bus: BusSettings
     timeouts: TimeoutSettings
+    training: TrainingSettings
     workspace: WorkspaceSettings
     security: SecuritySettings
     logging: LoggingSettings
@@ -174,6 +183,10 @@ def load_settings(
         raise ConfigError(str(exc)) from exc
     if settings.bus.transport not in ("ipc", "tcp"):
         raise ConfigError(f"bus.transport must be 'ipc' or 'tcp', not {settings.bus.transport!r}")
+    if settings.training.backend not in ("auto", "ring", "nccl", "mpi"):
+        raise ConfigError(f"training.backend must be auto, ring, nccl or mpi, not {settings.training.backend!r}")
+    if settings.training.hang_timeout_s <= 0:
+        raise ConfigError("training.hang_timeout_s must be above 0")
     return settings
 
 

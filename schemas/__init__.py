@@ -69,6 +69,7 @@ from forgellm.schemas.service import (
     ServiceStopping,
 )
 from forgellm.schemas.training import (
+    DistributedSpec,
     RealtimeMetrics,
     RealtimeReply,
     RealtimeRequest,

@@ -11,6 +11,21 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
+class DistributedSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``distributed`` of a start request: a data-parallel run on ``mlx.distributed``.
+
+    ``{"processes": 2}`` runs two ranks on this machine; ``hosts`` (IP addresses for the ring
+    backend) runs ``processes`` ranks on each, the first host being this machine (rank 0 writes
+    the run); ``hostfile`` names an ``mlx.launch`` hostfile in the workspace instead. Empty
+    ``hosts`` and no ``hostfile`` fall back to the config's ``training.hosts``."""
+
+    processes: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    hosts: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=255)]],
+                     msgspec.Meta(max_length=64)] = []
+    backend: Literal["ring", "nccl", "mpi", "auto"] | None = None  # None: the config's training.backend
+    hostfile: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
+
+
 class TrainingStartRequest(Request, kw_only=True):
     """``POST /api/training/start``. Fields beyond the reference have documented defaults."""
 
@@ -42,6 +57,7 @@ class TrainingStartRequest(Request, kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 0  # numpy and MLX take unsigned seeds
     general_dataset: str | None = None
     resume_from: str | None = None
+    distributed: DistributedSpec | None = None  # absent: one process, as before
 
 
 class TrainingStartReply(Reply, kw_only=True):
@@ -74,6 +90,9 @@ class TrainingStatusReply(Reply, kw_only=True):
     memory_usage_gb: float | None = None
     eta_minutes: float | None = None
     output_dir: str | None = None
+    world_size: int = 1  # ranks of a distributed run (1: one process)
+    hosts: list[str] = []  # the hosts the ranks run on, rank 0's first
+    host_memory_gb: dict[str, float] = {}  # memory in use per host (its ranks summed)
     # why the run failed (phase "failed"), as its training_error said
     error: str | None = None
     error_code: str | None = None
@@ -99,9 +118,12 @@ class RealtimeMetrics(msgspec.Struct, kw_only=True):
     validation_loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
-    memory_usage_gb: float | None = None
+    memory_usage_gb: float | None = None  # distributed: the largest rank's
     gpu_utilization: float | None = None
     timestamp: str
+    world_size: int = 1
+    hosts: list[str] = []
+    host_memory_gb: dict[str, float] = {}
 
 
 class RealtimeReply(Reply, kw_only=True):
@@ -133,6 +155,12 @@ class TrainingUpdate(Message, kw_only=True):
     phase: str = "training"
     trained_tokens: int | None = None
     peak_memory_gb: float | None = None
+    # Distributed runs: tokens_per_second and trained_tokens count every rank; memory_usage_gb and
+    # peak_memory_gb are the largest rank's, rank_memory_gb each rank's, host_memory_gb each host's.
+    world_size: int = 1
+    hosts: list[str] = []
+    rank_memory_gb: list[float] = []
+    host_memory_gb: dict[str, float] = {}
 
 
 class TrainingCheckpoint(Message, kw_only=True):

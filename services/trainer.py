@@ -9,10 +9,14 @@ checkpoint. The service learns the run's progress from the worker's own events o
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +49,8 @@ from forgellm.services.common.process import signal_when_parent_dies
 from forgellm.services.common.runs import current_run, read_metrics
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.training import checkpoints as ckpt
+from forgellm.services.training import cluster
+from forgellm.services.training.cluster import Layout, RankExit
 from forgellm.services.training.losses import worker_environment
 from forgellm.services.training.runs import prepare_run
 
@@ -69,6 +75,16 @@ class ActiveRun:
     started: float = field(default_factory=time.monotonic)
     warnings: list[str] = field(default_factory=list)  # dataset files skipped at start
     stop_requested: bool = False  # POST /api/training/stop was asked
+    # A distributed run: its layout, this launch's id, how its ranks ended (from mlx.launch's
+    # output, in the order seen) and the launcher's last lines.
+    layout: Layout | None = None
+    launch_id: str = ""
+    rank_exits: dict[int, RankExit] = field(default_factory=dict)
+    exit_order: list[int] = field(default_factory=list)
+    launcher_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    relays: list[asyncio.Task] = field(default_factory=list)
+    reaping: bool = False
+    killed_for_stop: bool = False  # stopped before rank 0 was up: its whole group was signalled
 
 
 def _signal_name(code: int) -> str:
@@ -86,6 +102,7 @@ class TrainerService(Service):
         self.workspace = Workspace(settings.home)
         self.active: ActiveRun | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._shutting_down = False
 
     def state(self) -> str:
         return "training" if self.is_training() else "idle"
@@ -111,7 +128,8 @@ class TrainerService(Service):
             return
         config = json.loads((run_dir / "training_config.json").read_text())
         run = ActiveRun(config["training_id"], config.get("training_type", "cpt"), run_dir,
-                        self.workspace.relative(run_dir), int(config.get("max_iterations", 0)))
+                        self.workspace.relative(run_dir), int(config.get("max_iterations", 0)),
+                        layout=Layout.from_dict(config["layout"]) if config.get("layout") else None)
         run.phase = "resuming"
         self.active = run
         log.warning("resuming_interrupted_run", training_id=run.training_id, checkpoint=latest)
@@ -119,17 +137,41 @@ class TrainerService(Service):
 
     async def on_stop(self) -> None:
         run = self.active
+        self._shutting_down = True
         if run and run.process and run.process.returncode is None:
             # The platform is stopping, not the user stopping the run: the worker writes a final
             # checkpoint and marks the run interrupted, and the next start resumes it (as after a
             # crash). POST /api/training/stop is how a run is ended.
             log.info("interrupting_run_for_shutdown", training_id=run.training_id)
-            run.process.send_signal(signal.SIGUSR1)
+            self._signal_run(run, signal.SIGUSR1)
             try:
                 await asyncio.wait_for(run.process.wait(), self.settings.timeouts.stop_grace_s - 1)
             except TimeoutError:
-                run.process.kill()
+                self._kill_run(run)
         self.feed.close()
+
+    def _signal_run(self, run: ActiveRun, sig: int) -> None:
+        """The worker, or a distributed run's rank 0 (which tells the others at its next step);
+        a distributed run whose rank 0 is not up yet gets ``sig`` on its whole process group."""
+        assert run.process is not None
+        if run.layout is None:
+            run.process.send_signal(sig)
+            return
+        pid = cluster.rank_zero_pid(run.run_dir, run.launch_id)
+        with contextlib.suppress(ProcessLookupError):
+            if pid is not None:
+                os.kill(pid, sig)
+            else:
+                run.killed_for_stop = True
+                os.killpg(run.process.pid, signal.SIGTERM)
+
+    def _kill_run(self, run: ActiveRun) -> None:
+        assert run.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            if run.layout is None:
+                run.process.kill()
+            else:  # the launcher and every local rank (they share its session)
+                os.killpg(run.process.pid, signal.SIGKILL)
 
     def _spawn_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -161,17 +203,73 @@ class TrainerService(Service):
     # --- start ---------------------------------------------------------------------------------
 
     def _prepare(self, request: TrainingStartRequest) -> ActiveRun:
-        prepared = prepare_run(self.workspace, request)
+        prepared = prepare_run(self.workspace, request, settings=self.settings)
         return ActiveRun(prepared.training_id, request.training_type, prepared.run_dir, prepared.output_dir,
-                         request.max_iterations, warnings=prepared.warnings)
+                         request.max_iterations, warnings=prepared.warnings, layout=prepared.layout)
 
     async def _launch(self, run: ActiveRun, resume_from: str | None = None) -> None:
+        if run.layout is not None:
+            await self._launch_layout(run, resume_from)
+            return
         argv = [sys.executable, "-m", "forgellm.services.training.worker", str(run.run_dir)]
         if resume_from:
             argv.append(resume_from)
         run.process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, env=worker_environment(),
             preexec_fn=signal_when_parent_dies(signal.SIGUSR1))
+        self._launched(run, resume_from)
+
+    async def _launch_layout(self, run: ActiveRun, resume_from: str | None) -> None:
+        """Every rank of a distributed run through mlx.launch, in a session of its own (so one
+        signal reaches the launcher and every local rank). Its output is read here: it says how
+        each rank ended. stdin is a pipe kept open: on /dev/null the launcher spins."""
+        assert run.layout is not None
+        layout = run.layout
+        layout.port = cluster.free_port_run(layout.world_size if layout.backend == "ring" else 1)
+        run.launch_id = uuid.uuid4().hex[:12]
+        run.rank_exits, run.exit_order, run.reaping, run.killed_for_stop = {}, [], False, False
+        run.launcher_tail.clear()
+        env = worker_environment()
+        argv = cluster.launcher_argv(layout, run.run_dir, resume_from, run.launch_id, env)
+        run.process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+            preexec_fn=signal_when_parent_dies(signal.SIGTERM))
+        run.relays = [asyncio.ensure_future(self._relay(run, run.process, stream, out))
+                      for stream, out in ((run.process.stdout, sys.stdout), (run.process.stderr, sys.stderr))]
+        log.info("ranks_launched", world_size=layout.world_size, hosts=layout.hosts, backend=layout.backend,
+                 port=layout.port)
+        self._launched(run, resume_from)
+
+    async def _relay(self, run: ActiveRun, process: asyncio.subprocess.Process, stream: asyncio.StreamReader,
+                     out) -> None:
+        """Pass the ranks' output through, and note each rank's end. When one rank fails, the
+        others have a moment to end by themselves (a lost peer fails their next collective at
+        once); then the whole session is killed: no rank is left spinning or stuck."""
+        while line := await stream.readline():
+            with contextlib.suppress(OSError, ValueError):
+                out.buffer.write(line)
+                out.flush()
+            text = line.decode(errors="replace")
+            run.launcher_tail.append(text.rstrip())
+            seen = cluster.parse_launcher_line(text)
+            if seen is None:
+                continue
+            if seen.rank not in run.exit_order:
+                run.exit_order.append(seen.rank)
+            if cluster.is_failure(cluster.merge_exit(run.rank_exits, seen)) and not run.reaping:
+                run.reaping = True
+                self._spawn_task(self._reap(run, process))
+
+    async def _reap(self, run: ActiveRun, process: asyncio.subprocess.Process) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), 2.0)
+        except TimeoutError:
+            log.warning("killing_remaining_ranks", training_id=run.training_id)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+    def _launched(self, run: ActiveRun, resume_from: str | None) -> None:
         run.finished = False
         run.reported_error = False
         run.error = None
@@ -208,9 +306,14 @@ class TrainerService(Service):
     async def _watch(self, run: ActiveRun) -> None:
         assert run.process is not None
         code = await run.process.wait()
-        if run is not self.active:
+        if run.relays:  # the launcher's last lines say how its ranks ended
+            await asyncio.wait(run.relays, timeout=2.0)
+        if run is not self.active or self._shutting_down:
             return
         await asyncio.sleep(0)  # let already-received events be applied first
+        if run.layout is not None:
+            await self._watch_layout(run, code)
+            return
         if code == 0 and run.finished:
             return
         if code == -signal.SIGTERM and run.stop_requested and not run.finished:
@@ -243,6 +346,45 @@ class TrainerService(Service):
         run.finished = True
         run.phase = "failed"
 
+    async def _watch_layout(self, run: ActiveRun, code: int) -> None:
+        """A distributed run's launcher has exited (mlx.launch exits 0 even when ranks failed,
+        so how the ranks ended decides)."""
+        assert run.layout is not None
+        with contextlib.suppress(ProcessLookupError):  # nothing of this launch outlives it
+            os.killpg(run.process.pid, signal.SIGKILL)
+        failure = cluster.rank_failure(run.exit_order, run.rank_exits, run.layout)
+        if failure is None and run.finished:
+            return
+        if run.stop_requested and not run.finished and (failure is None or run.killed_for_stop):
+            self._stopped_early(run)
+            return
+        for _ in range(20):  # rank 0's own training_error, when it failed by itself
+            if run.reported_error or (failure and failure.resumable):
+                break
+            await asyncio.sleep(0.05)
+        if failure is None:
+            tail = " | ".join(line for line in list(run.launcher_tail)[-3:] if line)
+            failure = cluster.Failure(
+                f"The launcher ({run.layout.launcher}) ended with code {code} before the run finished"
+                + (f": {tail}" if tail else ""),
+                "Check ssh to every host, the same Python and workspace paths on each, and open ports between "
+                "them (README: Training on several machines).", code < 0)
+        iteration = run.last.iteration if run.last else None
+        if not run.reported_error or failure.resumable:
+            self.publish(TrainingError(training_id=run.training_id, error=failure.error, iteration=iteration,
+                                       suggestion=failure.suggestion))
+        log.warning("distributed_run_failed", training_id=run.training_id, error=failure.error)
+        latest = ckpt.latest_checkpoint(run.run_dir)
+        if failure.resumable and run.auto_resume and not run.resumed_after_crash and latest is not None:
+            run.resumed_after_crash = True
+            run.phase = "resuming"
+            log.warning("resuming_layout_after_failure", training_id=run.training_id, checkpoint=latest,
+                        world_size=run.layout.world_size)
+            await self._launch(run, str(ckpt.adapter_file(run.run_dir, latest)))
+            return
+        run.finished = True
+        run.phase = "failed"
+
     def _stopped_early(self, run: ActiveRun) -> None:
         run.finished = True
         run.phase = "stopped"
@@ -265,7 +407,7 @@ class TrainerService(Service):
         run.auto_resume = False
         run.stop_requested = True
         run.phase = "stopping"
-        run.process.send_signal(signal.SIGTERM)
+        self._signal_run(run, signal.SIGTERM)
         try:  # a final checkpoint takes at most one iteration; answer as soon as it is written
             await asyncio.wait_for(asyncio.shield(run.process.wait()), 3.0)
             return TrainingStopReply(message="Training stopped successfully")
@@ -294,6 +436,9 @@ class TrainerService(Service):
             memory_usage_gb=last.memory_usage_gb if last else None,
             eta_minutes=last.eta_minutes if last and not run.finished else None,
             output_dir=run.output_dir,
+            world_size=run.layout.world_size if run.layout else 1,
+            hosts=run.layout.hosts if run.layout else [],
+            host_memory_gb=last.host_memory_gb if last else {},
             error=failure.error if failure else None,
             error_code=(failure.error_code or None) if failure else None,
             suggestion=failure.suggestion if failure else None)
@@ -309,5 +454,7 @@ class TrainerService(Service):
             iteration=last.iteration, training_loss=last.training_loss, validation_loss=last.validation_loss,
             learning_rate=last.learning_rate, tokens_per_second=last.tokens_per_second,
             memory_usage_gb=last.memory_usage_gb, gpu_utilization=busy,
-            timestamp=datetime.now().astimezone().isoformat(timespec="seconds"))
+            timestamp=datetime.now().astimezone().isoformat(timespec="seconds"),
+            world_size=run.layout.world_size if run.layout else 1, hosts=run.layout.hosts if run.layout else [],
+            host_memory_gb=last.host_memory_gb)
         return RealtimeReply(current_metrics=metrics, is_training=not run.finished)

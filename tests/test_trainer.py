@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import shutil
 import signal
-import string
 import tempfile
 import time
 from pathlib import Path
@@ -18,60 +16,29 @@ import mlx.core as mx
 import pytest
 import socketio
 
-from tests.helpers.procs import Platform, http, poll, running_platform, worker_pid
-from tests.helpers.tiny_lm import write_corpus, write_tiny_model
-
-FAST = {"model_name": "tiny", "dataset": "grammar", "batch_size": 4, "learning_rate": 2e-3,
-        "max_seq_length": 64, "warmup_steps": 5, "steps_per_report": 5, "seed": 1}
+from tests.helpers.procs import http, running_platform, worker_pid
+from tests.helpers.runs import (
+    FAST,
+    metrics,
+    start,
+    status,
+    stop_if_running,
+    wait_done,
+    write_training_workspace,
+)
 
 
 @pytest.fixture(scope="module")
 def trainer():
     with tempfile.TemporaryDirectory(prefix="fl-") as name:
-        home = Path(name)
-        write_tiny_model(home / "models" / "base" / "tiny")
-        write_corpus(home / "dataset" / "grammar")
-        rng = random.Random(5)  # random strings: memorising them can only hurt held-out text
-        noise = home / "dataset" / "noise"
-        noise.mkdir(parents=True)
-        for i in range(8):
-            (noise / f"n{i}.txt").write_text(" ".join("".join(rng.choices(string.ascii_lowercase, k=6))
-                                                      for _ in range(15)))
-        chat = home / "dataset" / "chat"
-        chat.mkdir()
-        (chat / "train.jsonl").write_text("".join(
-            json.dumps({"messages": [{"role": "user", "content": f"Where does the heron go at {t}?"},
-                                     {"role": "assistant", "content": f"The heron crosses the estuary at {t}."}]})
-            + "\n" for t in ("dawn", "noon", "dusk", "night", "low water", "high water") * 3))
-        with running_platform(home) as running:
+        with running_platform(write_training_workspace(Path(name))) as running:
             yield running
 
 
 @pytest.fixture(autouse=True)
 def no_run_left_behind(trainer):
-    """A failed test must not leave its run going: the next test's start would get a 409."""
     yield
-    if status(trainer).get("is_training"):
-        http("POST", trainer.web + "/api/training/stop")
-        wait_done(trainer, 120)
-
-
-def start(platform: Platform, **fields) -> dict:
-    status, body, _ = http("POST", platform.web + "/api/training/start", {**FAST, **fields})
-    assert status == 200, body
-    return body
-
-
-def status(platform: Platform) -> dict:
-    return http("GET", platform.web + "/api/training/status")[1]
-
-
-def wait_done(platform: Platform, timeout: float = 120) -> dict:
-    return poll(lambda: status(platform), lambda s: not s["is_training"], timeout, "the run to finish", 0.2)
-
-
-def metrics(platform: Platform, output_dir: str) -> list[dict]:
-    return [json.loads(line) for line in (platform.home / output_dir / "metrics.jsonl").read_text().splitlines()]
+    stop_if_running(trainer)
 
 
 async def test_cpt_run_lowers_validation_loss_live_over_socketio(trainer):

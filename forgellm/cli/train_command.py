@@ -26,7 +26,8 @@ from forgellm.client import ForgeLLMClient, ForgeLLMError, ServiceUnavailableErr
 from forgellm.config import load_settings
 from forgellm.schemas import TrainingStartRequest
 
-FIELDS = [f for f in msgspec.structs.fields(TrainingStartRequest) if f.name not in ("model_name", "dataset")]
+FIELDS = [f for f in msgspec.structs.fields(TrainingStartRequest)
+          if f.name not in ("model_name", "dataset", "distributed")]  # distributed: --processes, --hosts...
 
 
 def _click_type(annotation: Any) -> Any:
@@ -104,6 +105,18 @@ def _request(model: str, dataset: str, config: Path | None, flags: dict[str, Any
         if not isinstance(data, dict):
             raise click.ClickException(f"{config}: expected a mapping of training fields")
     data.update({"model_name": model, "dataset": dataset})
+    layout = {k: flags.pop(k) for k in ("processes", "hosts", "backend", "hostfile")}
+    if any(v is not None for v in layout.values()):
+        distributed = dict(data.get("distributed") or {})
+        if layout["processes"] is not None:
+            distributed["processes"] = layout["processes"]
+        if layout["hosts"]:
+            distributed["hosts"] = [h.strip() for h in layout["hosts"].split(",") if h.strip()]
+        if layout["backend"]:
+            distributed["backend"] = layout["backend"]
+        if layout["hostfile"]:
+            distributed["hostfile"] = layout["hostfile"]
+        data["distributed"] = distributed
     for name, value in flags.items():
         if value is None:
             continue
@@ -171,17 +184,26 @@ def _run_standalone(request: dict[str, Any]) -> None:
 
     settings = load_settings()
     try:
-        prepared = prepare_run(Workspace(settings.home), msgspec.convert(request, TrainingStartRequest))
+        prepared = prepare_run(Workspace(settings.home), msgspec.convert(request, TrainingStartRequest),
+                               settings=settings)
     except ForgeError as exc:
         raise click.ClickException(f"{exc}" + (f"\n  {exc.suggestion}" if exc.suggestion else "")) from None
     click.echo(f"no platform running: training standalone ({prepared.training_id}) -> {prepared.output_dir}")
     for warning in prepared.warnings:
         click.echo(f"warning: {warning}", err=True)
     log_path = prepared.run_dir / "worker.log"
+    argv = [sys.executable, "-m", "forgellm.services.training.worker", str(prepared.run_dir)]
+    launch_id, env = "", worker_environment()
+    if prepared.layout is not None:  # every rank through mlx.launch (stdin a pipe: on /dev/null it spins)
+        from forgellm.services.training.cluster import launcher_argv
+
+        launch_id = f"cli-{os.getpid()}"
+        argv = launcher_argv(prepared.layout, prepared.run_dir, None, launch_id, env)
+        click.echo(f"{prepared.layout.world_size} ranks on {', '.join(prepared.layout.hosts)} "
+                   f"({prepared.layout.backend})")
     with open(log_path, "ab") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "forgellm.services.training.worker", str(prepared.run_dir)],
-                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                                  env=worker_environment())
+        worker = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True, env=env,
+                                  stdin=subprocess.PIPE if launch_id else subprocess.DEVNULL)
     progress = ProgressLine(int(request.get("max_iterations") or 500))
     metrics = prepared.run_dir / "metrics.jsonl"
     position, last_val, started = 0, None, time.monotonic()
@@ -215,7 +237,10 @@ def _run_standalone(request: dict[str, Any]) -> None:
             time.sleep(0.25)
     except KeyboardInterrupt:
         if _ask_stop():
-            os.kill(worker.pid, signal.SIGTERM)
+            from forgellm.services.training.cluster import rank_zero_pid
+
+            rank_zero = rank_zero_pid(prepared.run_dir, launch_id) if launch_id else None
+            os.kill(rank_zero or worker.pid, signal.SIGTERM)  # rank 0 tells the other ranks
             worker.wait()
             click.echo("stopped; the final checkpoint is written")
         else:
@@ -229,6 +254,13 @@ def _run_standalone(request: dict[str, Any]) -> None:
               help="A YAML or JSON file of training fields; flags override it.")
 @click.option("--url", default=None, help="The platform's web API (default http://localhost:<web port>).")
 @click.option("--standalone", is_flag=True, help="Train in this terminal even if a platform is running.")
+@click.option("--processes", type=click.IntRange(1, 64), default=None,
+              help="Ranks of a distributed run on each host (on this machine alone without --hosts).")
+@click.option("--hosts", default=None, help="Hosts of a distributed run, comma-separated, this machine first "
+              "(IP addresses for the ring backend; default: the config's training.hosts).")
+@click.option("--backend", type=click.Choice(["ring", "nccl", "mpi", "auto"]), default=None,
+              help="mlx.distributed backend (default: the config's training.backend, auto).")
+@click.option("--hostfile", default=None, help="An mlx.launch hostfile in the workspace, instead of --hosts.")
 @_options
 def train(model: str, dataset: str, config: Path | None, url: str | None, standalone: bool, **flags: Any) -> None:
     """Continue pre-training (cpt) or instruction-tune (ift) a model, with a live progress line."""

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -18,6 +19,7 @@ from forgellm.services.common.errors import ForgeError
 from forgellm.services.common.models import resolve_model
 from forgellm.services.common.workspace import Workspace
 from forgellm.services.training import checkpoints as ckpt
+from forgellm.services.training.cluster import Layout, preflight, resolve_layout
 from forgellm.services.training.validate import check_dataset, resolve_dataset, run_name, training_id
 
 
@@ -27,13 +29,22 @@ class PreparedRun:
     run_dir: Path
     output_dir: str
     warnings: list[str]  # dataset files skipped (binary, not UTF-8, empty, a link leading out)
+    layout: Layout | None = None  # a distributed run's ranks and hosts
 
 
-def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | None = None) -> PreparedRun:
-    """Check everything a run needs (model, datasets, resume point) and lay out its folder.
+def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | None = None,
+                settings: Any = None) -> PreparedRun:
+    """Check everything a run needs (model, datasets, resume point, the hosts of a distributed
+    run) and lay out its folder.
 
     A new run gets a new folder under models/<cpt|ift>/; ``resume_from`` continues in the folder
-    of the run it names (same training id, metrics appended)."""
+    of the run it names (same training id, metrics appended; a new ``distributed`` may change
+    its world size)."""
+    if settings is None:
+        from forgellm.config import load_settings
+
+        settings = load_settings()
+    layout = resolve_layout(ws, request, settings)
     model = resolve_model(request.model_name, ws)
     dataset = resolve_dataset(ws, request.dataset)
     warnings: list[str] = []
@@ -42,6 +53,8 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
     if request.general_dataset:
         general = resolve_dataset(ws, request.general_dataset, field="general_dataset")
         check_dataset(general, "cpt", warnings)
+    if layout is not None:
+        preflight(layout, ws.home, settings.training.preflight_timeout_s)
     now = now or datetime.now()
     if request.resume_from:
         source = ws.resolve(request.resume_from, field="resume_from")
@@ -72,7 +85,8 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
     output_dir = ws.relative(run_dir)
     config = {**msgspec.to_builtins(request), "training_id": tid, "model_path": str(model.path),
               "dataset_path": str(dataset), "general_dataset_path": str(general) if general else None,
-              "output_dir": output_dir, "workspace": str(ws.home), "created_at": now.isoformat(timespec="seconds")}
+              "output_dir": output_dir, "workspace": str(ws.home), "created_at": now.isoformat(timespec="seconds"),
+              "layout": layout.to_dict() if layout else None}
     config.pop("type", None)
     try:
         ckpt.atomic_write_text(run_dir / "training_config.json", json.dumps(config, indent=2))
@@ -82,4 +96,4 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
         if not request.resume_from:  # no empty run folder left behind (a full disk)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return PreparedRun(tid, run_dir, output_dir, warnings)
+    return PreparedRun(tid, run_dir, output_dir, warnings, layout)

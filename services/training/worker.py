@@ -12,8 +12,10 @@ data order, so a resumed run continues exactly where it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -38,6 +40,7 @@ from forgellm.schemas import (
     TrainingUpdate,
 )
 from forgellm.services.common.errors import ForgeError, disk_full_error, is_disk_full
+from forgellm.services.common.process import die_with_parent
 from forgellm.services.mlx_runtime import preload_blas
 from forgellm.services.training import checkpoints as ckpt
 from forgellm.services.training.data import (
@@ -50,6 +53,13 @@ from forgellm.services.training.data import (
     pack,
     split_documents,
     tokenize_chat,
+)
+from forgellm.services.training.distributed import (
+    EXIT_PEER_LOST,
+    RankGroup,
+    detach_from_dead_launcher,
+    is_peer_lost,
+    watchdog_for,
 )
 from forgellm.services.training.schedule import learning_rate_at
 
@@ -79,17 +89,42 @@ class Metrics:
         self.write_raw(json.dumps({"event": event, **fields, "timestamp": now_iso()}) + "\n")
 
 
+class NoMetrics:
+    """Ranks other than 0 keep no record: rank 0 writes the run's."""
+
+    def write_raw(self, text: str) -> None:
+        pass
+
+    def write(self, event: str, **fields: Any) -> None:
+        pass
+
+
+class NoEvents:
+    def publish(self, message: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def read_config(run_dir: Path) -> tuple[dict[str, Any], TrainingStartRequest]:
+    raw = json.loads((run_dir / "training_config.json").read_text())
+    meta = {k: raw.pop(k) for k in ("training_id", "model_path", "dataset_path", "general_dataset_path",
+                                    "output_dir", "workspace", "created_at", "layout") if k in raw}
+    return meta, msgspec.convert(raw, TrainingStartRequest)
+
+
 class Run:
-    def __init__(self, run_dir: Path, events: EventPublisher) -> None:
+    def __init__(self, run_dir: Path, events: EventPublisher | NoEvents, group: RankGroup | None = None) -> None:
         self.run_dir = run_dir
-        raw = json.loads((run_dir / "training_config.json").read_text())
-        self.meta = {k: raw.pop(k) for k in ("training_id", "model_path", "dataset_path", "general_dataset_path",
-                                             "output_dir", "workspace", "created_at") if k in raw}
-        self.config = msgspec.convert(raw, TrainingStartRequest)
+        self.meta, self.config = read_config(run_dir)
         self.training_id = self.meta["training_id"]
+        self.group = group or RankGroup(None)
         self.events = events
-        self.metrics = Metrics(run_dir)
+        self.metrics = Metrics(run_dir) if self.group.is_main else NoMetrics()
+        self.watchdog = None
         self.stop_requested = False
+        self.stopping = False
         self.interrupted = False  # stopping because the trainer service died (SIGUSR1)
         self.iteration = 0
         self.best_val: float | None = None
@@ -97,6 +132,7 @@ class Run:
         self.last_val: float | None = None
         self.trained_tokens = 0
         self.started = time.monotonic()
+        self.hang_timeout_s = 600.0
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -124,7 +160,8 @@ class Run:
         adapter_config = {"fine_tune_type": cfg.fine_tune_type, "num_layers": layers, "lora_parameters": lora,
                           "model": cfg.model_name, "base_model_path": self.meta["model_path"],
                           "training_id": self.training_id}
-        ckpt.atomic_write_text(self.run_dir / "adapter_config.json", json.dumps(adapter_config, indent=2))
+        if self.group.is_main:
+            ckpt.atomic_write_text(self.run_dir / "adapter_config.json", json.dumps(adapter_config, indent=2))
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -137,7 +174,7 @@ class Run:
             valid = Rows.packed(pack([encode(d) for d in valid_docs], cfg.max_seq_length, tok.eos_token_id))
             if cfg.data_mixture_ratio < 1.0:
                 want = round(len(train) * (1 - cfg.data_mixture_ratio) / cfg.data_mixture_ratio)
-                general = self.general_rows(want)
+                general = self.group.broadcast_rows(self.general_rows(want) if self.group.is_main else None)
                 if len(general) and want:
                     picks = np.asarray([general[i % len(general)] for i in range(want)])
                     extra = Rows.packed(picks)
@@ -190,21 +227,25 @@ class Run:
 
         from forgellm.services.training.losses import cross_entropy
 
-        def loss_fn(model, inputs, targets, mask):
+        # (summed cross-entropy × scale, target tokens). Training scales by world / the global
+        # batch's target tokens, so that averaging the ranks' gradients gives exactly the gradient
+        # of the global batch's mean loss, however its tokens fall between ranks; eval scales by 1.
+        def loss_fn(model, inputs, targets, mask, scale):
             ce = cross_entropy(model(inputs).astype(mx.float32), targets)[0] * mask
-            ntoks = mask.sum()
-            return ce.sum() / ntoks, ntoks
+            return ce.sum() * scale, mask.sum()
 
         self.loss_fn = loss_fn
         if cfg.resume_from:  # before compiling: the compiled step captures the state objects
             self.resume(Path(cfg.resume_from))
+        self.group.broadcast_trainable(self.model)
         value_and_grad = nn.value_and_grad(self.model, loss_fn)
         state = [self.model.state, self.optimizer.state, mx.random.state]
+        group = self.group
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(inputs, targets, mask):
-            (loss, ntoks), grads = value_and_grad(self.model, inputs, targets, mask)
-            self.optimizer.update(self.model, grads)
+        def step(inputs, targets, mask, scale):
+            (loss, ntoks), grads = value_and_grad(self.model, inputs, targets, mask, scale)
+            self.optimizer.update(self.model, group.average_gradients(grads))
             return loss, ntoks
 
         self.step = step
@@ -219,6 +260,10 @@ class Run:
 
         it = self.iteration
         path = ckpt.adapter_file(self.run_dir, it)
+        if not self.group.is_main:  # rank 0 writes; the others only keep in step
+            self.reseed()
+            self.last_checkpoint = it
+            return path
         try:
             (self.run_dir / "optimizer").mkdir(exist_ok=True)
             opt_state = dict(tree_flatten(self.optimizer.state))
@@ -281,17 +326,24 @@ class Run:
         import mlx.core as mx
 
         total, count = 0.0, 0.0
-        for indices in self.val_batches:
-            inputs, targets, mask = make_batch(self.valid, indices, self.pad_id)
-            loss, ntoks = self.loss_fn(self.model, mx.array(inputs), mx.array(targets), mx.array(mask))
-            mx.eval(loss, ntoks)
-            total += loss.item() * ntoks.item()
-            count += ntoks.item()
+        one = mx.array(1.0, dtype=mx.float32)
+        for batch in self.val_batches:
+            indices = self.group.shard(batch)  # a short last batch may leave a rank none
+            if indices:
+                inputs, targets, mask = make_batch(self.valid, indices, self.pad_id)
+                ce_sum, ntoks = self.loss_fn(self.model, mx.array(inputs), mx.array(targets), mx.array(mask), one)
+                mx.eval(ce_sum, ntoks)
+                total += ce_sum.item()
+                count += ntoks.item()
+            if self.watchdog:
+                self.watchdog.beat()
+        total, count = self.group.sum([total, count])
         return total / max(count, 1.0)
 
     def phase(self, name: str) -> None:
         self.events.publish(TrainingUpdate(training_id=self.training_id, iteration=self.iteration, phase=name,
-                                           progress_percentage=0.0))
+                                           progress_percentage=0.0, world_size=self.group.size,
+                                           hosts=self.group.hosts()))
         self.metrics.write("phase", iteration=self.iteration, phase=name)
 
     def train(self) -> None:
@@ -309,20 +361,35 @@ class Run:
         window_tokens, window_started, window_losses = 0, time.perf_counter(), []
         stop_reason = ""
         speed_history: list[float] = []
-        while self.iteration < cfg.max_iterations and not self.stop_requested:
+        group = self.group
+        self.watchdog = watchdog_for(group, self.hang_timeout_s)
+        if self.watchdog:
+            self.watchdog.arm()
+        # stop_requested is what a signal asked of this rank; stopping is what every rank agreed
+        # on in the last reduction, so that all leave the loop at the same iteration.
+        self.stopping = group.sum([float(self.stop_requested)])[0] > 0
+        while self.iteration < cfg.max_iterations and not self.stopping:
             self.iteration += 1
             it = self.iteration
             lr = learning_rate_at(it, peak=cfg.learning_rate, schedule=cfg.lr_schedule,
                                   warmup_steps=cfg.warmup_steps, max_iterations=cfg.max_iterations)
             self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
-            indices = self.order.indices(it)
-            inputs, targets, mask = make_batch(self.train, indices, self.pad_id)
-            loss, _ = self.step(mx.array(inputs), mx.array(targets), mx.array(mask))
+            indices = self.order.indices(it)  # the global batch; this rank trains on its share
+            targets_total = sum(float(self.train.masks[i][1:].sum()) for i in indices)
+            scale = mx.array(group.size / max(targets_total, 1.0), dtype=mx.float32)
+            inputs, targets, mask = make_batch(self.train, group.shard(indices), self.pad_id)
+            loss, _ = self.step(mx.array(inputs), mx.array(targets), mx.array(mask), scale)
             mx.eval(loss, self.model.state, self.optimizer.state)
+            # One small reduction a step: the global loss, and whether any rank was asked to stop
+            # (so every rank leaves the loop at the same iteration).
+            loss_sum, stops = group.sum([loss.item(), float(self.stop_requested)])
+            self.stopping = stops > 0
+            if self.watchdog:
+                self.watchdog.beat()
             tokens = input_token_count(self.train, indices)
             window_tokens += tokens
             self.trained_tokens += tokens
-            window_losses.append(loss.item())
+            window_losses.append(loss_sum / group.size)
             val_loss = None
             due_eval = it % cfg.steps_per_eval == 0 or it % cfg.save_every == 0 or it == cfg.max_iterations
             if due_eval:
@@ -341,25 +408,33 @@ class Run:
                 left_tokens = (cfg.max_iterations - it) * (self.trained_tokens / max(it, 1))
                 eta = (left_tokens / avg_speed / 60) if avg_speed else None
                 train_loss = sum(window_losses) / len(window_losses)
-                memory, peak = mx.get_active_memory() / GB, mx.get_peak_memory() / GB
+                ranks_memory = group.gather(mx.get_active_memory() / GB)
+                memory, peak = max(ranks_memory), max(group.gather(mx.get_peak_memory() / GB))
+                spread = {"rank_memory_gb": [round(m, 4) for m in ranks_memory],
+                          "host_memory_gb": group.memory_by_host(ranks_memory)} if group.distributed else {}
                 self.metrics.write("train", iteration=it, train_loss=train_loss, learning_rate=lr,
                                    tokens_per_second=speed, trained_tokens=self.trained_tokens,
-                                   memory_usage_gb=memory, peak_memory_gb=peak)
+                                   memory_usage_gb=memory, peak_memory_gb=peak, **spread)
                 self.events.publish(TrainingUpdate(
                     training_id=self.training_id, iteration=it, training_loss=train_loss,
                     validation_loss=self.last_val, learning_rate=lr, tokens_per_second=speed,
                     memory_usage_gb=memory, peak_memory_gb=peak, trained_tokens=self.trained_tokens,
                     progress_percentage=round(100 * it / cfg.max_iterations, 2),
-                    eta_minutes=round(eta, 2) if eta is not None else None))
+                    eta_minutes=round(eta, 2) if eta is not None else None,
+                    world_size=group.size, hosts=group.hosts(), **spread))
                 window_tokens, window_started, window_losses = 0, time.perf_counter(), []
             if stop_reason:
                 break
-        stopped = self.stop_requested and self.iteration < cfg.max_iterations
+        stopped = self.stopping and self.iteration < cfg.max_iterations
         if self.last_checkpoint != self.iteration:
             val_loss = self.evaluate()
             self.last_val = val_loss
             self.metrics.write("eval", iteration=self.iteration, val_loss=val_loss)
             self.save_checkpoint(val_loss)
+        if self.watchdog:
+            self.watchdog.disarm()
+        if not group.is_main:
+            return
         from forgellm.services.common.runs import rank_checkpoints
         from forgellm.services.common.workspace import Workspace
 
@@ -421,17 +496,27 @@ def describe_failure(exc: BaseException, run_dir: Path) -> ForgeError:
 
 def main(argv: list[str]) -> int:
     """``worker RUN_DIR [RESUME_FROM]``: RESUME_FROM (a checkpoint file or run folder) overrides
-    the config's ``resume_from``; the trainer uses it to resume a run after a crash."""
+    the config's ``resume_from``; the trainer uses it to resume a run after a crash. In a
+    distributed run (a ``layout`` in the config) this is one rank, started by mlx.launch."""
     run_dir = Path(argv[1]).resolve()
     settings = load_settings()
     secure_bus(settings)  # its events reach the broker over the same (maybe CURVE) bus
     configure_logging("trainer-worker", settings.logging.level, settings.logging.format)
     log.info("blas", library=preload_blas())
-    events = EventPublisher(bus_address(settings, "events_in"), "trainer-worker", hwm=settings.bus.hwm)
-    run = Run(run_dir, events)
+    layout = read_config(run_dir)[0].get("layout")
+    launcher = os.getppid()
+    if layout:  # the launcher is this rank's parent: its death (the trainer's) interrupts the run
+        die_with_parent(signal.SIGUSR1)
+    group = RankGroup(layout)
+    events = (EventPublisher(bus_address(settings, "events_in"), "trainer-worker", hwm=settings.bus.hwm)
+              if group.is_main else NoEvents())
+    run = Run(run_dir, events, group)
+    run.hang_timeout_s = settings.training.hang_timeout_s
     if len(argv) > 2:
         run.config.resume_from = argv[2]
-    structlog.contextvars.bind_contextvars(training_id=run.training_id)
+    group.register(run_dir)
+    structlog.contextvars.bind_contextvars(training_id=run.training_id,
+                                           **({"rank": group.rank} if group.distributed else {}))
 
     def request_stop(*_: object) -> None:
         run.stop_requested = True
@@ -439,16 +524,28 @@ def main(argv: list[str]) -> int:
     def parent_died(*_: object) -> None:
         run.stop_requested = True
         run.interrupted = True
+        if layout and os.getppid() != launcher:
+            detach_from_dead_launcher()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGUSR1, parent_died)  # the trainer sets this as the worker's parent-death signal
+    signal.signal(signal.SIGHUP, parent_died)  # a remote rank whose ssh session ended
     try:
         run.train()
         return 0
     except Exception as exc:  # reported on the bus and in metrics.jsonl, then a non-zero exit
+        if group.distributed and is_peer_lost(exc):
+            # Another rank died under a collective: the trainer names that rank (from the
+            # launcher's output) in the run's error; this rank only says it lost its peer.
+            log.error("peer_lost", error=str(exc))
+            group.report_exit("peer_lost", str(exc))
+            with contextlib.suppress(OSError):
+                run.metrics.write("error", iteration=run.iteration, error=f"rank {group.rank}: {exc}")
+            return EXIT_PEER_LOST
         log.exception("training_failed")
         error = describe_failure(exc, run_dir)
+        group.report_exit("error", str(error))
         events.publish(TrainingError(training_id=run.training_id, error=str(error), iteration=run.iteration,
                                      suggestion=error.suggestion, error_code=error.code))
         try:  # the bus first: on a full disk this line may not fit
