@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,30 @@ def test_standalone_run_shows_progress_and_finishes(workspace):
     assert lines[0].startswith("no platform running: training standalone (cpt_")
     assert any(line.startswith("iter 30/30") and "loss" in line and "tok/s" in line for line in lines)
     assert "finished: completed; best checkpoints" in lines[-1]
+
+
+def test_standalone_distributed_run_on_two_local_ranks(workspace):
+    out = subprocess.run([sys.executable, "-m", "forgellm", "train", *ARGS, "--max-iterations", "20",
+                          "--save-every", "10", "--processes", "2", "--backend", "ring", "--standalone"],
+                         env=isolated_env(workspace), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1] == "2 ranks on 127.0.0.1 (ring)", lines
+    assert any(line.startswith("iter 20/20") for line in lines) and "finished: completed" in lines[-1]
+    run_dir = workspace / lines[0].split("-> ")[1]
+    config = json.loads((run_dir / "training_config.json").read_text())
+    assert config["distributed"] == {"processes": 2, "hosts": [], "backend": "ring", "hostfile": None}
+    assert config["layout"]["world_size"] == 2
+
+
+def test_distributed_settings_are_refused_before_anything_runs(workspace):
+    out = subprocess.run([sys.executable, "-m", "forgellm", "train", *ARGS, "--batch-size", "3", "--processes", "2",
+                          "--standalone"], env=isolated_env(workspace), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "world size 2" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "forgellm", "train", *ARGS, "--processes", "2", "--standalone"],
+                         env=isolated_env(workspace, FORGELLM_TRAINING_LAUNCHER="no-such-launcher"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "'no-such-launcher' was not found" in out.stderr, out.stderr
 
 
 def test_bad_settings_are_refused_before_anything_runs(workspace):

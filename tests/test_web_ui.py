@@ -259,6 +259,42 @@ def test_train_watch_reload_stop_publish_chat(ui_platform, browser):
 
 
 @needs_chromium
+def test_train_form_checks_the_world_size_and_the_monitor_shows_the_ranks(ui_platform, browser):
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    console = Console(page)
+    page.goto(ui_platform.web + "/#train")
+    page.wait_for_selector("#f-model_name option[value='tiny']", state="attached")
+    page.wait_for_selector("#f-dataset option[value='grammar']", state="attached")
+    page.select_option("#f-model_name", "tiny")
+    page.select_option("#f-dataset", "grammar")
+    for name, value in {**RUN_FIELDS, "batch_size": "3"}.items():
+        page.fill(f"#f-{name}", value)
+    assert page.text_content("#world-size") == "One process."
+    page.fill("#f-distributed-processes", "2")  # as you type: 3 rows do not split over 2 ranks
+    page.wait_for_function("() => document.querySelector('#err-distributed-processes').textContent"
+                           ".includes('does not divide by the world size 2')")
+    assert page.get_attribute("#f-batch_size", "aria-invalid") == "true"
+    page.click("#train-start")  # refused here, before any request
+    assert page.is_visible("#view-train") and not http("GET", ui_platform.web + "/api/training/status")[1][
+        "is_training"]
+    page.fill("#f-batch_size", "4")
+    page.wait_for_function("() => document.querySelector('#err-distributed-processes').textContent === ''")
+    assert "World size 2: each rank trains on 2 of the 4 rows" in page.text_content("#world-size")
+    assert page.get_attribute("#f-batch_size", "aria-invalid") is None
+    shot(page, "train-distributed")
+    page.click("#train-start")
+    page.wait_for_selector("#view-monitor:not([hidden])")
+    page.wait_for_function("() => document.querySelector('#st-ranks').textContent === '2 on 127.0.0.1'",
+                           timeout=60_000)
+    page.wait_for_selector("#st-hostmem-box:not([hidden])", timeout=60_000)
+    assert page.text_content("#st-hostmem").startswith("127.0.0.1 ")
+    shot(page, "monitor-distributed")
+    stop_run(ui_platform)
+    assert not console.unexpected(), console.errors
+    page.close()
+
+
+@needs_chromium
 def test_views_errors_and_compare(ui_platform, browser):
     # A second, short run so that two runs can be compared.
     status, body, _ = http("POST", ui_platform.web + "/api/training/start", {

@@ -294,7 +294,8 @@ function applyStatus(status) {
       iteration: status.current_iteration, training_loss: status.current_loss, validation_loss: status.validation_loss,
       learning_rate: status.learning_rate, tokens_per_second: status.tokens_per_second,
       memory_usage_gb: status.memory_usage_gb, progress_percentage: status.progress_percentage,
-      eta_minutes: status.eta_minutes,
+      eta_minutes: status.eta_minutes, world_size: status.world_size, hosts: status.hosts,
+      host_memory_gb: status.host_memory_gb,
     });
   }
   renderHeader();
@@ -322,9 +323,21 @@ function renderCards(u) {
   $("#st-lr").textContent = fmtLr(u.learning_rate);
   $("#st-tps").textContent = u.tokens_per_second ? fmtTokens(u.tokens_per_second) : "—";
   $("#st-mem").textContent = fmtGb(u.memory_usage_gb) + (u.peak_memory_gb ? ` (peak ${fmtGb(u.peak_memory_gb)})` : "");
+  renderRanks(u);
   const pct = u.progress_percentage ?? progressOf(u.iteration || 0);
   $("#mon-progress").value = pct;
   $("#mon-progress-text").textContent = `${pct.toFixed(1)} %`;
+}
+
+/** A distributed run: its world size and hosts, and the memory each host's ranks use (memory
+ * above is the largest rank's). */
+function renderRanks(u) {
+  const world = u.world_size || run.config?.layout?.world_size || 1;
+  const hosts = u.hosts?.length ? u.hosts : run.config?.layout?.hosts || [];
+  $("#st-ranks").textContent = world > 1 ? `${fmtInt(world)} on ${hosts.join(", ")}` : "1";
+  const perHost = Object.entries(u.host_memory_gb || {});
+  $("#st-hostmem-box").hidden = !perHost.length;
+  if (perHost.length) $("#st-hostmem").textContent = perHost.map(([host, gb]) => `${host} ${fmtGb(gb)}`).join(" · ");
 }
 
 function renderCharts() {

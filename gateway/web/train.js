@@ -15,6 +15,8 @@ const GROUPS = [
     "early_stopping_patience", "overfitting_threshold", "steps_per_report"]],
   ["Data mixture and resume", ["data_mixture_ratio", "general_dataset", "resume_from"]],
 ];
+// `distributed` is an object: its own fieldset (distributedFields), sent only for several ranks.
+const CUSTOM = new Set(["distributed"]);
 
 const HELP = {
   model_name: "A base model, a Hugging Face cache entry or a published model.",
@@ -45,6 +47,10 @@ const HELP = {
   data_mixture_ratio: "Share of rows from your dataset; the rest from the general dataset or self-generated text.",
   general_dataset: "Rehearsal data for the other share (none: text the base model writes itself).",
   resume_from: "A checkpoint file or a run folder (its latest checkpoint).",
+  "distributed-processes": "Ranks on each host (1 with no hosts: one process, as usual).",
+  "distributed-hosts": "IP addresses, comma-separated, this machine first; empty: this machine only.",
+  "distributed-backend": "auto: NCCL on CUDA, ring elsewhere.",
+  "distributed-hostfile": "An mlx.launch hostfile in the workspace, instead of hosts.",
 };
 
 let schema = null;
@@ -86,11 +92,12 @@ export function useDataset(name) {
 async function buildForm() {
   if (!schema) return;
   const props = schema.properties;
-  const placed = new Set(GROUPS.flatMap(([, names]) => names));
+  const placed = new Set([...GROUPS.flatMap(([, names]) => names), ...CUSTOM]);
   const groups = [...GROUPS, ["Other", Object.keys(props).filter((n) => !placed.has(n))]];
   const fieldsets = groups.filter(([, names]) => names.some((n) => props[n])).map(([title, names]) =>
     h("fieldset", {}, h("legend", {}, title),
       h("div", { class: "fields" }, names.filter((n) => props[n]).map((n) => field(n, props[n])))));
+  if (props.distributed) fieldsets.push(distributedFields());
   $("#train-fields").replaceChildren(...fieldsets);
   await Promise.all([fillModels(), fillDatasets()]);
   onInput();
@@ -132,6 +139,67 @@ function field(name, prop) {
   input.dataset.kind = prop.enum ? "enum" : type || "string";
   input.dataset.nullable = String(Boolean(prop.anyOf));
   return h("div", { class: "field" }, label, input, hint, error);
+}
+
+/** Several processes or machines: the fields of `distributed` (README: Training on several
+ * machines). They carry data-dist, not a name, so values() sends them as one object. */
+function distributedFields() {
+  const one = (key, input) => {
+    const id = `f-distributed-${key}`;
+    Object.assign(input, { id });
+    input.dataset.dist = key;
+    input.setAttribute("aria-describedby", `hint-distributed-${key} err-distributed-${key}`);
+    return h("div", { class: "field" },
+      h("label", { for: id }, humanize(key), " ", h("code", { class: "name" }, `distributed.${key}`)), input,
+      h("p", { class: "hint", id: `hint-distributed-${key}` }, HELP[`distributed-${key}`]),
+      h("p", { class: "field-error", id: `err-distributed-${key}`, "aria-live": "polite" }));
+  };
+  return h("fieldset", {}, h("legend", {}, "Several processes or machines"),
+    h("div", { class: "fields" },
+      one("processes", h("input", { type: "number", min: 1, max: 64, step: "1", value: 1, inputmode: "numeric" })),
+      one("hosts", h("input", { type: "text", placeholder: "this machine only" })),
+      one("backend", h("select", {}, ["auto", "ring", "nccl", "mpi"].map((v) => h("option", { value: v }, v)))),
+      one("hostfile", h("input", { type: "text", placeholder: "(none)" }))),
+    h("p", { class: "small-text", id: "world-size", "aria-live": "polite" }));
+}
+
+/** The request's `distributed`, or undefined for one process. */
+function distributedValue() {
+  const get = (key) => $(`#f-distributed-${key}`)?.value.trim() || "";
+  const processes = Number(get("processes") || 1);
+  const hosts = get("hosts").split(",").map((s) => s.trim()).filter(Boolean);
+  const hostfile = get("hostfile");
+  if (processes <= 1 && !hosts.length && !hostfile) return undefined;
+  const spec = { processes };
+  if (hosts.length) spec.hosts = hosts;
+  if (get("backend") !== "auto") spec.backend = get("backend");
+  if (hostfile) { spec.hostfile = hostfile; delete spec.hosts; }
+  return spec;
+}
+
+/** The world-size rule, as you type: the global batch must split evenly between the ranks. */
+function checkWorldSize(v) {
+  const note = $("#world-size");
+  const slot = $("#err-distributed-processes");
+  const batch = $("#f-batch_size");
+  if (!note || !slot) return true;
+  const spec = v.distributed;
+  const world = spec ? (spec.hostfile ? null : spec.processes * Math.max(1, spec.hosts?.length || 1)) : 1;
+  let ok = true;
+  if (!spec) note.textContent = "One process.";
+  else if (world === null) note.textContent = "World size: as many ranks as the hostfile lists.";
+  else {
+    ok = !(v.batch_size >= 1) || v.batch_size % world === 0;
+    note.textContent = `World size ${world}: each rank trains on ${ok && v.batch_size ? v.batch_size / world : "?"} `
+      + `of the ${v.batch_size || "?"} rows of every batch.`;
+  }
+  slot.textContent = ok ? "" : `batch_size ${v.batch_size} does not divide by the world size ${world}: `
+    + `use a multiple of ${world}.`;
+  for (const el of [$("#f-distributed-processes"), batch]) {
+    if (el && !ok) el.setAttribute("aria-invalid", "true");
+    else if (el) el.removeAttribute("aria-invalid");
+  }
+  return ok;
 }
 
 async function fillModels() {
@@ -185,12 +253,15 @@ function values() {
     else value = raw === "" && nullable === "true" ? null : raw;
     body[input.name] = value;
   }
+  const distributed = distributedValue();
+  if (distributed) body.distributed = distributed;
   return body;
 }
 
 function onInput() {
   const v = values();
   drawSchedule(v);
+  checkWorldSize(v);
   const d = datasets.find((x) => x.name === v.dataset);
   $("#dataset-detail").replaceChildren(d
     ? h("div", {}, h("strong", {}, d.name), h("br"),
@@ -241,6 +312,10 @@ async function start() {
   for (const el of $$("#train-fields .field-error")) el.textContent = "";
   for (const el of $$("#train-fields [aria-invalid]")) el.removeAttribute("aria-invalid");
   const body = values();
+  if (!checkWorldSize(body)) {
+    $("#f-distributed-processes").focus();
+    return;
+  }
   button.disabled = true;
   $("#train-busy").textContent = "Checking the dataset and starting…";
   try {
@@ -250,7 +325,9 @@ async function start() {
     await monitor.loadCurrent();
     go("monitor");
   } catch (err) {
-    const name = err.details?.field || (err.code === "MODEL_NOT_FOUND" ? "model_name" : null);
+    // distributed.hosts[1] -> the hosts field (#f-distributed-hosts)
+    const name = (err.details?.field || (err.code === "MODEL_NOT_FOUND" ? "model_name" : ""))
+      .replace(/\[\d+\]$/, "").replace(/^distributed\./, "distributed-") || null;
     const input = name && $(`#f-${CSS.escape(name)}`);
     if (input) {
       input.setAttribute("aria-invalid", "true");
