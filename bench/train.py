@@ -5,6 +5,8 @@
     .venv/bin/python bench/train.py --only compare --repeats 1 --iters 10
     .venv/bin/python bench/train.py --only watch --subscribers 50
     .venv/bin/python bench/train.py --only profile   # where our step's time goes (in process)
+    .venv/bin/python bench/train.py --distributed    # 1 process vs 2 ranks, the exchange cost
+                                                     # (bench/distributed.py says how)
 
 Model: SmolLM2-135M-Instruct, imported by ``fetch_demo`` (float32, 30 layers) into a temp
 workspace. Data: the sample CPT dataset, split into train/valid by ForgeLLM's own
@@ -472,9 +474,11 @@ def main() -> None:
                         help="watch: without, with, with, without (default: without, with)")
     parser.add_argument("--only", choices=("compare", "watch", "profile"), action="append")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--distributed", action="store_true",
+                        help="1 process vs 2 ranks on the same work, LoRA and full (bench/distributed.py)")
     args = parser.parse_args()
     measured = args.iters or (4 if args.quick else 6)
-    only = set(args.only or ("compare", "watch"))
+    only = set(args.only or (("distributed",) if args.distributed else ("compare", "watch")))
     sys.path.insert(0, str(ROOT))
     say(machine())
     results: dict = {"machine": machine(), "date": date.today().isoformat(), "measured_iterations": measured,
@@ -490,6 +494,11 @@ def main() -> None:
                                      ("without", "with", "with", "without") if args.abba else ("without", "with"))
         if "profile" in only:
             results["profile"] = profile(home, measured)
+        if "distributed" in only:
+            import distributed
+
+            results["distributed"] = distributed.run(home, model, args.iters or (2 if args.quick else 4),
+                                                     args.report, args.repeats)
         results["wall_s"] = time.perf_counter() - started
         say(f"total {results['wall_s']:.0f} s")
     if args.json:
