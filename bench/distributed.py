@@ -56,6 +56,7 @@ def env_for(home: Path) -> dict[str, str]:
 
 
 def run_once(home: Path, iters: int, report: int, fine_tune: str, ranks: int) -> dict:
+    import msgspec
     import train as base
 
     from forgellm.config import load_settings
@@ -70,7 +71,7 @@ def run_once(home: Path, iters: int, report: int, fine_tune: str, ranks: int) ->
         fields["distributed"] = {"processes": ranks, "backend": "ring"}
     env = env_for(home)
     settings = load_settings(env=env)
-    prepared = prepare_run(Workspace(home), TrainingStartRequest(**fields), settings=settings)
+    prepared = prepare_run(Workspace(home), msgspec.convert(fields, TrainingStartRequest), settings=settings)
     argv = ([sys.executable, "-m", "forgellm.services.training.worker", str(prepared.run_dir)] if ranks == 1 else
             launcher_argv(prepared.layout, prepared.run_dir, None, "bench", env))
     before = load()
@@ -144,7 +145,7 @@ def exchange(model: Path, fine_tune: str, repeats: int) -> dict:
     from forgellm.services.training.cluster import find_launcher, free_port_run
 
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"fl-exchange-{os.getpid()}-{fine_tune}.json"
-    argv = [find_launcher("mlx.launch"), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+    argv = [*find_launcher("mlx.launch"), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
             "--starting-port", str(free_port_run(2)), "--python", sys.executable, "--", str(HERE), "_exchange",
             str(model), fine_tune, str(repeats), str(out)]
     done = subprocess.run(argv, stdin=subprocess.PIPE, capture_output=True, text=True, timeout=900, check=False)

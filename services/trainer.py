@@ -246,7 +246,13 @@ class TrainerService(Service):
         """Pass the ranks' output through, and note each rank's end. When one rank fails, the
         others have a moment to end by themselves (a lost peer fails their next collective at
         once); then the whole session is killed: no rank is left spinning or stuck."""
-        while line := await stream.readline():
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the reader's limit: pass it on in pieces
+                line = await stream.read(1 << 16)
+            if not line:
+                break
             with contextlib.suppress(OSError, ValueError):
                 out.buffer.write(line)
                 out.flush()
@@ -365,7 +371,7 @@ class TrainerService(Service):
         if failure is None:
             tail = " | ".join(line for line in list(run.launcher_tail)[-3:] if line)
             failure = cluster.Failure(
-                f"The launcher ({run.layout.launcher}) ended with code {code} before the run finished"
+                f"The launcher ({' '.join(run.layout.launcher)}) ended with code {code} before the run finished"
                 + (f": {tail}" if tail else ""),
                 "Check ssh to every host, the same Python and workspace paths on each, and open ports between "
                 "them (README: Training on several machines).", code < 0)
