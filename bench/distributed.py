@@ -6,8 +6,9 @@ exchange costs. Run through ``bench/train.py --distributed`` (or this file direc
 
 throughput  the real worker on SmolLM2-135M-Instruct (float32), global batch 4, rows of 257
             tokens: one process (``python -m forgellm.services.training.worker``) and two local
-            ranks (``mlx.launch --backend ring -n 2``, the command the trainer service runs, from
-            ``cluster.launcher_argv``), the order alternating per round. Tokens/s from rank 0's
+            ranks (``mlx.launch --backend ring -n 2`` through services/training/launcher.py, the
+            command the trainer service runs, from ``cluster.launcher_argv``); for LoRA also two
+            ranks through the plain ``mlx.launch`` executable; the order rotating per round. Tokens/s from rank 0's
             metrics.jsonl (every rank's tokens), windows as in bench/train.py: the first (compile
             warm-up) and the last (final validation and checkpoint) left out.
 exchange    inside two ranks under mlx.launch, the model with its trainable parameters as the
@@ -55,7 +56,7 @@ def env_for(home: Path) -> dict[str, str]:
     return env
 
 
-def run_once(home: Path, iters: int, report: int, fine_tune: str, ranks: int) -> dict:
+def run_once(home: Path, iters: int, report: int, fine_tune: str, ranks: int, launcher: str = "") -> dict:
     import msgspec
     import train as base
 
@@ -70,6 +71,8 @@ def run_once(home: Path, iters: int, report: int, fine_tune: str, ranks: int) ->
     if ranks > 1:
         fields["distributed"] = {"processes": ranks, "backend": "ring"}
     env = env_for(home)
+    if launcher:  # e.g. the plain mlx.launch executable, busy loop and all
+        env["FORGELLM_TRAINING_LAUNCHER"] = launcher
     settings = load_settings(env=env)
     prepared = prepare_run(Workspace(home), msgspec.convert(fields, TrainingStartRequest), settings=settings)
     argv = ([sys.executable, "-m", "forgellm.services.training.worker", str(prepared.run_dir)] if ranks == 1 else
@@ -85,23 +88,38 @@ def run_once(home: Path, iters: int, report: int, fine_tune: str, ranks: int) ->
         raise SystemExit(f"run failed:\n{(prepared.run_dir / 'worker.log').read_text()[-3000:]}")
     summary = base.summarize({"tool": f"{ranks} rank(s)", "windows": base.ours_windows(prepared.run_dir),
                               "wall_s": wall}, report, iters)
-    summary.update({"load_before": before, "load_after": load(), "ranks": ranks, "fine_tune_type": fine_tune})
+    summary.update({"load_before": before, "load_after": load(), "ranks": ranks, "fine_tune_type": fine_tune,
+                    "launcher": launcher or "ours"})
     return summary
 
 
-def throughput(home: Path, fine_tune: str, measured: int, report: int, repeats: int) -> list[dict]:
+def plain_mlx_launch() -> str:
+    return str(Path(sys.executable).parent / "mlx.launch")
+
+
+def throughput(home: Path, fine_tune: str, measured: int, report: int, repeats: int, plain: bool) -> list[dict]:
+    """Rounds of: 1 process, 2 ranks (through our launcher), and with ``plain`` 2 ranks through
+    the unpatched mlx.launch; the order rotates per round."""
     iters = report + measured + 1
+    kinds = ["one", "two"] + (["two_plain"] if plain else [])
     rounds = []
     for r in range(repeats):
-        order = (1, 2) if r % 2 == 0 else (2, 1)
+        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
         got = {}
-        for ranks in order:
-            say(f"[{fine_tune} {r + 1}/{repeats}] {ranks} rank(s): {iters} iterations ({load()})")
-            got[ranks] = run_once(home, iters, report, fine_tune, ranks)
-            say(f"    {got[ranks]['tokens_per_second']:.1f} tokens/s, {got[ranks]['seconds_per_step']:.2f} s/step")
-        rounds.append({"order": order, "one": got[1], "two": got[2],
-                       "ratio": got[2]["tokens_per_second"] / got[1]["tokens_per_second"]})
-        say(f"    2 ranks / 1 process = {rounds[-1]['ratio']:.2f}")
+        for kind in order:
+            ranks, launcher = (1, "") if kind == "one" else (2, plain_mlx_launch() if kind == "two_plain" else "")
+            say(f"[{fine_tune} {r + 1}/{repeats}] {kind}: {iters} iterations ({load()})")
+            got[kind] = run_once(home, iters, report, fine_tune, ranks, launcher)
+            say(f"    {got[kind]['tokens_per_second']:.1f} tokens/s, {got[kind]['seconds_per_step']:.2f} s/step")
+        losses = [(a["loss"], b["loss"]) for a, b in zip(got["one"]["windows"], got["two"]["windows"], strict=True)]
+        ratio = got["two"]["tokens_per_second"] / got["one"]["tokens_per_second"]
+        rounds.append({"order": order, **got, "ratio": ratio,
+                       "max_loss_rel_diff": max(abs(a - b) / abs(a) for a, b in losses)})
+        if plain:
+            rounds[-1]["ratio_plain"] = got["two_plain"]["tokens_per_second"] / got["one"]["tokens_per_second"]
+        say(f"    2 ranks / 1 process = {rounds[-1]['ratio']:.2f}"
+            + (f" (plain mlx.launch {rounds[-1]['ratio_plain']:.2f})" if plain else "")
+            + f"; losses agree to {rounds[-1]['max_loss_rel_diff']:.1e} (relative)")
     return rounds
 
 
@@ -178,7 +196,7 @@ def run(home: Path, model: Path, measured: int, report: int, repeats: int) -> di
     fixed = exchanges["lora"]["median_s"]
     results = {}
     for fine_tune in ("lora", "full"):
-        rounds = throughput(home, fine_tune, measured, report, repeats)
+        rounds = throughput(home, fine_tune, measured, report, repeats, plain=fine_tune == "lora")
         moved = exchanges[fine_tune]
         step_two = statistics.median(r["two"]["seconds_per_step"] for r in rounds)
         step_one = statistics.median(r["one"]["seconds_per_step"] for r in rounds)
