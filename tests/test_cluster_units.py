@@ -142,6 +142,12 @@ def test_the_error_names_the_rank_that_failed_not_the_one_that_lost_it():
     failure = rank_failure(order, known, layout2())
     assert "rank 1 of 2 on 10.0.0.2 failed: MemoryError" in failure.error and not failure.resumable
     order, known = exits(RankExit(0, kind="peer_lost", error="lost"), RankExit(0, code=75))
-    failure = rank_failure(order, known, layout2())
+    failure = rank_failure(order, known, layout2())  # rank 1 never said how it ended
+    assert failure.error.startswith("Training rank 1 of 2 on 10.0.0.2 vanished: rank 0 lost") and failure.resumable
+    order, known = exits(RankExit(0, kind="peer_lost", error="lost"), RankExit(1, kind="peer_lost", error="lost"))
+    failure = rank_failure(order, known, layout2())  # both lost each other: the network
     assert "lost its connection" in failure.error and "firewall" in failure.suggestion and failure.resumable
+    order, known = exits(RankExit(0, kind="peer_lost", error="lost"), RankExit(1, code=255))
+    failure = rank_failure(order, known, layout2())  # a remote rank's death, seen through ssh
+    assert "rank 1 of 2 on 10.0.0.2 ended abnormally" in failure.error and failure.resumable
     assert rank_failure(*exits(RankExit(0, code=0), RankExit(1, code=0)), layout2()) is None

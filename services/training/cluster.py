@@ -35,6 +35,7 @@ from forgellm.services.training.distributed import EXIT_HUNG, EXIT_MARKER, EXIT_
 
 # mlx.launch starts a rank without ssh only for this exact host.
 LOCAL_HOST = "127.0.0.1"
+SSH_FAILED = 255  # ssh's own exit status: connection failed, or the remote end died by a signal
 
 
 @dataclass
@@ -379,6 +380,17 @@ def rank_failure(order: list[int], exits: dict[int, RankExit], layout: Layout) -
     if not failed:
         return None
     causes = [e for e in failed if e.kind != "peer_lost" and e.code != EXIT_PEER_LOST]
+    # Ranks that said nothing while others lost them: a remote rank whose launcher thread never
+    # reported (the run was cleaned up first) is the likely one that died.
+    silent = [r for r in range(layout.world_size) if r not in exits]
+    if not causes and silent:
+        rank = silent[0]
+        host = layout.rank_hosts[rank] if rank < len(layout.rank_hosts) else "?"
+        lost_by = ", ".join(str(e.rank) for e in failed)
+        return Failure(f"Training rank {rank} of {layout.world_size} on {host} vanished: rank {lost_by} lost its "
+                       "connection to it and it reported nothing (killed, out of memory, or its host or network "
+                       "went away)", f"Check that {host} is up and reachable; the whole layout resumes from the "
+                       "last checkpoint.", True)
     first = (causes or failed)[0]
     host = first.host or (layout.rank_hosts[first.rank] if first.rank < len(layout.rank_hosts) else "?")
     where = f"rank {first.rank} of {layout.world_size} on {host}"
@@ -390,6 +402,13 @@ def rank_failure(order: list[int], exits: dict[int, RankExit], layout: Layout) -
         return Failure(f"Training {where} lost its connection to another rank: {first.error}",
                        "Check the network between the hosts and that the ring ports are open in the firewall; "
                        "the run resumes from its last checkpoint.", True)
+    if first.code == SSH_FAILED and host != LOCAL_HOST and not first.kind:
+        # A rank started over ssh: its own end is hidden behind ssh's status, 255 both when the
+        # remote process was killed by a signal and when the connection or the host went away.
+        return Failure(f"Training {where} ended abnormally (its ssh session exited with 255: the rank was "
+                       "killed, ran out of memory, or the host or the network went away)",
+                       f"Check that {host} is up and reachable; the whole layout resumes from the last "
+                       "checkpoint.", True)
     if first.code is not None and first.code < 0:
         name = _signal_name(first.code)
         why = ("probably out of memory on that host: reduce batch_size or max_seq_length, or enable "
