@@ -151,3 +151,20 @@ def test_the_error_names_the_rank_that_failed_not_the_one_that_lost_it():
     failure = rank_failure(order, known, layout2())  # a remote rank's death, seen through ssh
     assert "rank 1 of 2 on 10.0.0.2 ended abnormally" in failure.error and failure.resumable
     assert rank_failure(*exits(RankExit(0, code=0), RankExit(1, code=0)), layout2()) is None
+
+
+def test_a_rank_on_a_host_without_the_run_folder_says_so(tmp_path):
+    """The real worker, as mlx.launch would start rank 1 on a host where the workspace is not
+    shared: its last line names the missing folder, and the run's error names rank and host."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MLX_RANK": "1", "FORGELLM_HOME": str(tmp_path), "FORGELLM_LOGGING_FORMAT": "json"}
+    done = subprocess.run([sys.executable, "-m", "forgellm.services.training.worker", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    said = [e for e in map(parse_launcher_line, done.stderr.splitlines()) if e]
+    assert len(said) == 1 and said[0].rank == 1 and "share the workspace" in said[0].error
+    failure = rank_failure(*exits(said[0], RankExit(1, code=1), RankExit(0, kind="peer_lost")), layout2())
+    assert failure.error.startswith("Training rank 1 of 2 on 10.0.0.2 failed: no run folder at")
+    assert not failure.resumable

@@ -120,8 +120,13 @@ class RankGroup:
         import mlx.core as mx
         import numpy as np
 
+        if self.is_main:
+            rows = np.asarray(rows, dtype=np.int32)
+            rows = rows if rows.ndim == 2 else np.zeros((0, 1), np.int32)  # none: an empty matrix
         shape = [float(n) for n in rows.shape] if self.is_main else [0.0, 0.0]
         height, width = (int(n) for n in self.sum(shape))
+        if height == 0:  # every rank knows it now: nothing to send
+            return np.zeros((0, width), np.int32)
         mine = mx.array(rows, dtype=mx.int32) if self.is_main else mx.zeros((height, width), dtype=mx.int32)
         return np.array(mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu))
 
@@ -149,13 +154,18 @@ class RankGroup:
             log.warning("rank_not_registered", rank=self.rank, error=str(exc))
 
     def report_exit(self, kind: str, error: str) -> None:
-        """The rank's last line on stderr, which mlx.launch relays to the trainer."""
-        line = EXIT_MARKER + json.dumps({"rank": self.rank, "host": self.host, "kind": kind, "error": error})
-        try:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+        report_exit(self.rank, self.host, kind, error)
+
+
+def report_exit(rank: int, host: str, kind: str, error: str) -> None:
+    """A rank's last line on stderr, which mlx.launch relays to the trainer (``host`` empty: the
+    trainer takes it from the layout)."""
+    line = EXIT_MARKER + json.dumps({"rank": rank, "host": host, "kind": kind, "error": error})
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def is_peer_lost(exc: BaseException) -> bool:

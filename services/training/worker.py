@@ -59,6 +59,7 @@ from forgellm.services.training.distributed import (
     RankGroup,
     detach_from_dead_launcher,
     is_peer_lost,
+    report_exit,
     watchdog_for,
 )
 from forgellm.services.training.schedule import learning_rate_at
@@ -503,6 +504,10 @@ def main(argv: list[str]) -> int:
     secure_bus(settings)  # its events reach the broker over the same (maybe CURVE) bus
     configure_logging("trainer-worker", settings.logging.level, settings.logging.format)
     log.info("blas", library=preload_blas())
+    if not (run_dir / "training_config.json").is_file():  # a rank on a host without the run folder
+        report_exit(int(os.environ.get("MLX_RANK", "0")), "", "error",
+                    f"no run folder at {run_dir} on this host: share the workspace (the same path on every host)")
+        return 1
     layout = read_config(run_dir)[0].get("layout")
     launcher = os.getppid()
     if layout:  # the launcher is this rank's parent: its death (the trainer's) interrupts the run
