@@ -172,13 +172,19 @@ def stop_run(platform) -> None:
     wait_idle(platform)
 
 
-@needs_chromium
-def test_train_watch_reload_stop_publish_chat(ui_platform, browser):
+def open_train_form(platform, browser):
+    """A page on the Train view with its pickers filled from the server (nothing chosen yet)."""
     page = browser.new_page(viewport={"width": 1366, "height": 900})
     console = Console(page)
-    page.goto(ui_platform.web + "/#train")
+    page.goto(platform.web + "/#train")
     page.wait_for_selector("#f-model_name option[value='tiny']", state="attached")
     page.wait_for_selector("#f-dataset option[value='grammar']", state="attached")
+    return page, console
+
+
+@needs_chromium
+def test_train_watch_reload_stop_publish_chat(ui_platform, browser):
+    page, console = open_train_form(ui_platform, browser)
     # The form carries the server's defaults.
     assert page.input_value("#f-lr_schedule") == "cosine" and page.input_value("#f-lora_rank") == "8"
     page.select_option("#f-model_name", "tiny")
@@ -260,11 +266,7 @@ def test_train_watch_reload_stop_publish_chat(ui_platform, browser):
 
 @needs_chromium
 def test_train_form_checks_the_world_size_and_the_monitor_shows_the_ranks(ui_platform, browser):
-    page = browser.new_page(viewport={"width": 1366, "height": 900})
-    console = Console(page)
-    page.goto(ui_platform.web + "/#train")
-    page.wait_for_selector("#f-model_name option[value='tiny']", state="attached")
-    page.wait_for_selector("#f-dataset option[value='grammar']", state="attached")
+    page, console = open_train_form(ui_platform, browser)
     page.select_option("#f-model_name", "tiny")
     page.select_option("#f-dataset", "grammar")
     for name, value in {**RUN_FIELDS, "batch_size": "3"}.items():
