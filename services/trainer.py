@@ -359,7 +359,9 @@ class TrainerService(Service):
         with contextlib.suppress(ProcessLookupError):  # nothing of this launch outlives it
             os.killpg(run.process.pid, signal.SIGKILL)
         failure = cluster.rank_failure(run.exit_order, run.rank_exits, run.layout)
-        if failure is None and run.finished:
+        if run.finished:  # rank 0 completed the run: a rank failing in teardown does not undo it
+            if failure:
+                log.warning("rank_failed_after_completion", training_id=run.training_id, error=failure.error)
             return
         if run.stop_requested and not run.finished and (failure is None or run.killed_for_stop):
             self._stopped_early(run)

@@ -228,7 +228,7 @@ def _run_standalone(request: dict[str, Any]) -> None:
                             progress.finish(f"finished: {event['reason']}; best checkpoints "
                                             f"{event['best_checkpoints']} in {prepared.output_dir}")
                         elif event["event"] == "error":
-                            progress.finish(f"error: {event['error']} — {event['suggestion']}")
+                            progress.finish(f"error: {event['error']} — {event.get('suggestion', '')}")
             if worker.poll() is not None:
                 if worker.returncode:
                     raise click.ClickException(f"the training worker exited with code {worker.returncode}; "

@@ -70,7 +70,10 @@ def prepare_run(ws: Workspace, request: TrainingStartRequest, now: datetime | No
         elif ckpt.latest_checkpoint(run_dir) is None:
             raise ForgeError(ErrorCode.CHECKPOINT_NOT_FOUND, f"No checkpoint in {request.resume_from}",
                              details={"field": "resume_from"})
-        request.resume_from = str(source)
+        # A folder means its latest checkpoint: named here, so every rank of a distributed run
+        # resumes from the same file whatever its own view of the folder.
+        request.resume_from = str(source if source.is_file()
+                                  else ckpt.adapter_file(run_dir, ckpt.latest_checkpoint(run_dir)))
         previous = json.loads((run_dir / "training_config.json").read_text())
         tid = previous.get("training_id") or training_id(request, now)
     else:

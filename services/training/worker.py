@@ -369,7 +369,8 @@ class Run:
         # stop_requested is what a signal asked of this rank; stopping is what every rank agreed
         # on in the last reduction, so that all leave the loop at the same iteration.
         self.stopping = group.sum([float(self.stop_requested)])[0] > 0
-        while self.iteration < cfg.max_iterations and not self.stopping:
+        while self.iteration < cfg.max_iterations and not self.stopping \
+                and not (self.stop_requested and not group.distributed):
             self.iteration += 1
             it = self.iteration
             lr = learning_rate_at(it, peak=cfg.learning_rate, schedule=cfg.lr_schedule,
@@ -399,7 +400,12 @@ class Run:
                 self.metrics.write("eval", iteration=it, val_loss=val_loss)
                 stop_reason = self.check_overfitting(val_loss)
             if it % cfg.save_every == 0 or it == cfg.max_iterations or stop_reason:
+                if self.watchdog:  # rank 0 writes as long as the disk takes; the others wait for it
+                    self.watchdog.disarm()
                 self.save_checkpoint(val_loss)
+                group.sum([0.0])  # every rank past the write before the watchdog counts again
+                if self.watchdog:
+                    self.watchdog.arm()
             if it % cfg.steps_per_report == 0 or due_eval or it == cfg.max_iterations:
                 elapsed = time.perf_counter() - window_started
                 speed = window_tokens / elapsed if elapsed > 0 else None
@@ -426,14 +432,16 @@ class Run:
                 window_tokens, window_started, window_losses = 0, time.perf_counter(), []
             if stop_reason:
                 break
-        stopped = self.stopping and self.iteration < cfg.max_iterations
+        stopped = (self.stopping or self.stop_requested and not group.distributed) \
+            and self.iteration < cfg.max_iterations
         if self.last_checkpoint != self.iteration:
             val_loss = self.evaluate()
             self.last_val = val_loss
             self.metrics.write("eval", iteration=self.iteration, val_loss=val_loss)
-            self.save_checkpoint(val_loss)
-        if self.watchdog:
+        if self.watchdog:  # no collective follows; rank 0's last write takes what it takes
             self.watchdog.disarm()
+        if self.last_checkpoint != self.iteration:
+            self.save_checkpoint(self.last_val)
         if not group.is_main:
             return
         from forgellm.services.common.runs import rank_checkpoints
@@ -519,9 +527,6 @@ def main(argv: list[str]) -> int:
     run.hang_timeout_s = settings.training.hang_timeout_s
     if len(argv) > 2:
         run.config.resume_from = argv[2]
-    group.register(run_dir)
-    structlog.contextvars.bind_contextvars(training_id=run.training_id,
-                                           **({"rank": group.rank} if group.distributed else {}))
 
     def request_stop(*_: object) -> None:
         run.stop_requested = True
@@ -536,6 +541,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGUSR1, parent_died)  # the trainer sets this as the worker's parent-death signal
     signal.signal(signal.SIGHUP, parent_died)  # a remote rank whose ssh session ended
+    # Registered only now: the trainer signals rank 0 by this entry, and the handlers must be set.
+    group.register(run_dir)
+    structlog.contextvars.bind_contextvars(training_id=run.training_id,
+                                           **({"rank": group.rank} if group.distributed else {}))
     try:
         run.train()
         return 0
