@@ -87,13 +87,6 @@ class ActiveRun:
     killed_for_stop: bool = False  # stopped before rank 0 was up: its whole group was signalled
 
 
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
 class TrainerService(Service):
     name = "trainer"
 
@@ -332,7 +325,7 @@ class TrainerService(Service):
                 break
             await asyncio.sleep(0.05)
         if code < 0:
-            error = f"The training worker was killed ({_signal_name(code)})"
+            error = f"The training worker was killed ({cluster.signal_name(code)})"
             suggestion = ("It was probably out of memory: reduce batch_size or max_seq_length, or enable "
                           "grad_checkpoint." if code == -signal.SIGKILL else "Check the trainer log.")
         else:

@@ -359,7 +359,8 @@ def is_failure(exit_: RankExit) -> bool:
     return bool(exit_.kind) or (exit_.code is not None and exit_.code != 0)
 
 
-def _signal_name(code: int) -> str:
+def signal_name(code: int) -> str:
+    """SIGKILL for an exit status of -9."""
     try:
         return signal.Signals(-code).name
     except ValueError:
@@ -410,7 +411,7 @@ def rank_failure(order: list[int], exits: dict[int, RankExit], layout: Layout) -
                        f"Check that {host} is up and reachable; the whole layout resumes from the last "
                        "checkpoint.", True)
     if first.code is not None and first.code < 0:
-        name = _signal_name(first.code)
+        name = signal_name(first.code)
         why = ("probably out of memory on that host: reduce batch_size or max_seq_length, or enable "
                "grad_checkpoint" if first.code == -signal.SIGKILL else "it was signalled from outside")
         return Failure(f"Training {where} was killed ({name})", f"{why[0].upper()}{why[1:]}. The whole layout "
